@@ -1,0 +1,47 @@
+"""Hydra entry points: each subcommand composes conf/{name}.yaml and runs one task function.
+
+Task modules are imported only when their subcommand runs, so `predict` on an
+ONNX model does not pay for importing the training code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import signal
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+log = logging.getLogger("centerx")
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+TASKS = {
+    "main": "centerx.engine.story:main_task",
+    "train": "centerx.engine.tasks:train_task",
+    "eval": "centerx.engine.tasks:eval_task",
+    "predict": "centerx.engine.tasks:predict_task",
+    "distill": "centerx.engine.distill:distill_task",
+    "export": "centerx_export.onnx_export:export_task",
+}
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(name: str) -> None:
+    # A kill (SIGTERM) unwinds like Ctrl-C, so the trainer can say where to resume from.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    module, function = TASKS[name].split(":")
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=name)
+    def entry(cfg: DictConfig) -> None:
+        result = getattr(importlib.import_module(module), function)(cfg)
+        if result:
+            log.info("%s done: %s", name, json.dumps(result, default=str)[:2000])
+
+    entry()

@@ -1,0 +1,114 @@
+"""Pictures: detections drawn on images, image grids, and training curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from centerx.utils.metrics_log import read_metrics
+
+
+def class_color(index: int) -> tuple[int, int, int]:
+    """A stable, well-separated RGB colour per class (golden-ratio hue steps)."""
+    hue = int((index * 0.618033988749895 % 1.0) * 179)
+    hsv = np.uint8([[[hue, 200, 255]]])
+    return tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0])
+
+
+def draw_detections(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    class_names: Sequence[str],
+    title: str | None = None,
+) -> np.ndarray:
+    """Return a copy of an RGB image with labelled boxes (and an optional title bar)."""
+    canvas = np.ascontiguousarray(image.copy())
+    scale = max(0.35, min(canvas.shape[:2]) / 600)
+    thickness = max(1, round(scale * 2))
+    for box, score, cls in zip(
+        np.asarray(boxes), np.asarray(scores), np.asarray(classes), strict=True
+    ):
+        color = class_color(int(cls))
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), color, thickness)
+        label = f"{class_names[int(cls)]} {score:.2f}"
+        (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        ty = max(th + 2, y0)
+        cv2.rectangle(canvas, (x0, ty - th - 2), (x0 + tw + 2, ty), color, -1)
+        cv2.putText(
+            canvas,
+            label,
+            (x0 + 1, ty - 2),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (0, 0, 0),
+            1,
+            cv2.LINE_AA,
+        )
+    if title:
+        bar = np.full((22, canvas.shape[1], 3), 255, np.uint8)
+        cv2.putText(bar, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        canvas = np.concatenate([bar, canvas], 0)
+    return canvas
+
+
+def image_grid(rows: Sequence[Sequence[np.ndarray]], cell: int = 256, pad: int = 4) -> np.ndarray:
+    """Tile RGB images (each fitted into cell x cell+title) into one picture."""
+    tiles = []
+    for row in rows:
+        fitted = []
+        for image in row:
+            h, w = image.shape[:2]
+            s = cell / max(h, w)
+            resized = cv2.resize(
+                image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA
+            )
+            tile = np.full((cell + 22, cell, 3), 255, np.uint8)
+            tile[: resized.shape[0], : resized.shape[1]] = resized
+            fitted.append(np.pad(tile, ((pad, pad), (pad, pad), (0, 0)), constant_values=255))
+        tiles.append(np.concatenate(fitted, 1))
+    width = max(t.shape[1] for t in tiles)
+    tiles = [
+        np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles
+    ]
+    return np.concatenate(tiles, 0)
+
+
+def save_rgb(path: str | Path, image: np.ndarray) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write image {path}")
+
+
+def plot_curves(metrics_path: str | Path, out_path: str | Path, title: str = "") -> None:
+    """Loss terms per step (raw) and AP per evaluation, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    steps = [r for r in records if r.get("kind") == "step"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
+    names = sorted({k for r in steps for k in r if k.startswith("raw/")})
+    for name in names:
+        xs = [r["step"] for r in steps if r.get(name) is not None]
+        ax_loss.plot(xs, [r[name] for r in steps if r.get(name) is not None], label=name[4:])
+    ax_loss.set(xlabel="step", ylabel="raw loss term", yscale="log", title="loss")
+    if names:
+        ax_loss.legend()
+    for key in ("AP", "AP50"):
+        ax_ap.plot([r["epoch"] for r in evals], [r[key] for r in evals], marker="o", label=key)
+    ax_ap.set(xlabel="epoch", ylabel="COCO metric", ylim=(0, 1), title="validation")
+    ax_ap.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
