@@ -34,7 +34,7 @@ def draw_detections(
         np.asarray(boxes), np.asarray(scores), np.asarray(classes), strict=True
     ):
         color = class_color(int(cls))
-        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        x0, y0, x1, y1 = np.round(np.asarray(box)).astype(int).tolist()
         cv2.rectangle(canvas, (x0, y0), (x1, y1), color, thickness)
         label = f"{class_names[int(cls)]} {score:.2f}"
         (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
