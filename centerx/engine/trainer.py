@@ -179,6 +179,8 @@ class Trainer:
     def _save(self, name: str) -> None:
         if dist.is_main():
             save_checkpoint(self.run_dir / "checkpoints" / name, self._state())
+        # Other ranks read these files next (finish_run loads best.pt): wait until they exist.
+        dist.barrier()
 
     # ------------------------------------------------------------------ loop
     def _to_device(self, batch: dict) -> dict:
@@ -188,20 +190,31 @@ class Trainer:
         }
 
     def _step(self, batch: dict) -> dict[str, float] | None:
+        # The forward updates BatchNorm running statistics (to NaN/inf when activations
+        # overflow); a skipped step restores them so it leaves the model exactly as it was.
+        buffers = [b.clone() for b in self.model.buffers()]
         terms = self.objective(self.wrapped, batch)
         loss, logs = self.weighter(terms)
         if not loss.requires_grad:
             return None  # every term was skipped by the weighter
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            return self._bad_step(f"non-finite loss {float(loss)}", logs)
+        # Under DDP every rank must skip together: one rank skipping backward while the
+        # others wait in its gradient all-reduce would hang them all.
+        finite = bool(torch.isfinite(loss.detach()))
+        if not dist.all_true(finite):
+            why = (
+                f"non-finite loss {float(loss.detach())}"
+                if not finite
+                else "non-finite loss on another rank"
+            )
+            return self._bad_step(why, logs, buffers)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip else float("inf")
         )
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            return self._bad_step(f"non-finite gradient norm {float(grad_norm)}", logs)
+            return self._bad_step(f"non-finite gradient norm {float(grad_norm)}", logs, buffers)
         self.optimizer.step()
         self.scheduler.step()
         if self.ema:
@@ -209,7 +222,10 @@ class Trainer:
         self.bad_steps = 0
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), **logs}
 
-    def _bad_step(self, why: str, logs: dict) -> None:
+    def _bad_step(self, why: str, logs: dict, buffers: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for current, saved in zip(self.model.buffers(), buffers, strict=True):
+                current.copy_(saved)
         self.bad_steps += 1
         tqdm.write(f"[centerx] step {self.global_step}: {why}; step skipped ({logs})")
         if self.bad_steps >= self.cfg.max_bad_steps:
@@ -229,7 +245,7 @@ class Trainer:
         if hasattr(self.loader.sampler, "set_epoch"):
             self.loader.sampler.set_epoch(self.epoch)
         sums: dict[str, float] = {}
-        count = 0
+        counts: dict[str, int] = {}  # per key: a weighter may skip a term in some steps
         bar = tqdm(
             self.loader,
             desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
@@ -241,18 +257,16 @@ class Trainer:
             self.skipped_images += batch.get("num_skipped", 0)
             if "image" not in batch:
                 continue
+            lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (logged below)
             logs = self._step(self._to_device(batch))
             self.global_step += 1
             if logs is None:
                 continue
-            count += 1
             for key, value in logs.items():
                 sums[key] = sums.get(key, 0.0) + value
-            bar.set_postfix(
-                loss=f"{logs['loss']:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}"
-            )
+                counts[key] = counts.get(key, 0) + 1
+            bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{lr:.2e}")
             if self.global_step % self.cfg.log_every == 0:
-                lr = self.optimizer.param_groups[0]["lr"]
                 self.metrics.write(
                     {
                         "kind": "step",
@@ -262,12 +276,14 @@ class Trainer:
                         **logs,
                     }
                 )
-        return {key: value / max(count, 1) for key, value in sums.items()}
+        return {key: value / counts[key] for key, value in sums.items()}
 
     def _maybe_evaluate(self) -> None:
         last = self.epoch == self.cfg.epochs
         if self.evaluate_fn is None or not (last or self.epoch % self.cfg.eval_every == 0):
             return
+        # Every rank predicts a share of the images: all must use rank 0's (saved) model.
+        dist.broadcast_buffers(self.eval_model)
         metrics = self.evaluate_fn(self.eval_model)
         self.last_eval = metrics
         self.metrics.write(

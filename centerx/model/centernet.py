@@ -33,6 +33,22 @@ def _batchnorm_stats_restored(module: nn.Module) -> Iterator[None]:
                     current.copy_(old)
 
 
+@torch.no_grad()
+def _stage_channels(backbone: nn.Module) -> dict[int, int]:
+    """Channels of the last backbone piece at each stride, from one small dummy forward."""
+    was_training = backbone.training
+    backbone.eval()
+    x, channels = torch.zeros(1, 3, 64, 64), {}
+    for stage in backbone.stages():
+        x = stage(x)
+        channels[64 // x.shape[-1]] = x.shape[1]
+    backbone.train(was_training)
+    missing = [s for s in (4, 8, 16) if s not in channels]
+    if missing:
+        raise ValueError(f"{type(backbone).__name__} has no stage at stride {missing}: use model.skip_connections=false")
+    return channels
+
+
 class CenterNet(nn.Module):
     """Takes RGB images 0..255 (uint8 or float) [B,3,H,W]; returns heatmap logits, wh, offset
     at stride 4 (sizes and offsets in output-grid units)."""
@@ -46,10 +62,12 @@ class CenterNet(nn.Module):
         neck_channels: tuple[int, ...] = (256, 128, 64),
         head_channels: int = 64,
         grad_checkpoint: bool = False,
+        skip_connections: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.neck = UpsampleNeck(backbone.out_channels, neck_channels)
+        skips = [_stage_channels(backbone)[s] for s in (16, 8, 4)] if skip_connections else None
+        self.neck = UpsampleNeck(backbone.out_channels, neck_channels, skips)
         self.heads = CenterNetHeads(self.neck.out_channels, num_classes, head_channels)
         self.num_classes = num_classes
         self.grad_checkpoint = grad_checkpoint
@@ -59,20 +77,25 @@ class CenterNet(nn.Module):
         self.register_buffer("input_mean", mean, persistent=False)
         self.register_buffer("input_std", std, persistent=False)
 
-    def _run(self, stage: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def _run(self, stage: Callable[..., torch.Tensor], *inputs: torch.Tensor | None) -> torch.Tensor:
         if self.grad_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(
                 stage,
-                x,
+                *inputs,
                 use_reentrant=False,
                 context_fn=lambda: (contextlib.nullcontext(), _batchnorm_stats_restored(stage)),
             )
-        return stage(x)
+        return stage(*inputs)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.input_mean) / self.input_std
-        for stage in [*self.backbone.stages(), *self.neck]:
+        by_stride: dict[int, torch.Tensor] = {}
+        for stage in self.backbone.stages():
             x = self._run(stage, x)
+            by_stride[images.shape[-1] // x.shape[-1]] = x  # the last piece at each stride wins
+        for stage, stride in zip(self.neck, (16, 8, 4), strict=True):
+            skip = by_stride.get(stride) if self.neck.uses_skips else None
+            x = self._run(stage, x, skip)
         return x
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -101,4 +124,5 @@ def build_model(
         neck_channels=tuple(cfg.get("neck_channels") or preset.neck_channels),
         head_channels=int(cfg.get("head_channels") or preset.head_channels),
         grad_checkpoint=bool(cfg.get("grad_checkpoint", False)),
+        skip_connections=bool(cfg.get("skip_connections", True)),
     )

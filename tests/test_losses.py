@@ -1,0 +1,217 @@
+"""Loss functions against hand computations: focal loss, masked L1, the CenterNet objective."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from centerx.losses.centernet_loss import CenterNetLoss
+from centerx.losses.focal import focal_loss
+from centerx.losses.regression import masked_l1
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def focal_term(logit: float, target: float, alpha: float = 2.0, beta: float = 4.0) -> float:
+    """One pixel of the docstring formula, in plain float64 math (positive: target == 1)."""
+    p = _sigmoid(logit)
+    if target == 1.0:
+        return -((1 - p) ** alpha) * math.log(p)
+    return -((1 - target) ** beta) * p**alpha * math.log(1 - p)
+
+
+# ------------------------------------------------------------------------------ focal loss
+
+
+def test_focal_loss_hand_computed_three_pixels() -> None:
+    """One positive, one near-positive negative (target 0.5), one far negative (target 0)."""
+    logits = torch.tensor([2.0, -1.0, 0.5]).view(1, 1, 1, 3)
+    target = torch.tensor([1.0, 0.5, 0.0]).view(1, 1, 1, 3)
+    p0, p1, p2 = _sigmoid(2.0), _sigmoid(-1.0), _sigmoid(0.5)
+    positive = -((1 - p0) ** 2) * math.log(p0)
+    near = -((1 - 0.5) ** 4) * p1**2 * math.log(1 - p1)  # penalty-reduced by (1-0.5)^4
+    far = -((1 - 0.0) ** 4) * p2**2 * math.log(1 - p2)
+    expected = (positive + near + far) / 1  # one positive
+    assert float(focal_loss(logits, target, alpha=2.0, beta=4.0)) == pytest.approx(
+        expected, abs=1e-6
+    )
+    # The near-positive negative really is down-weighted: 0.5^4 = 1/16 of a far one's weight.
+    assert near == pytest.approx(p1**2 * -math.log(1 - p1) / 16)
+
+
+@pytest.mark.parametrize("alpha,beta", [(2.0, 4.0), (1.0, 2.0), (3.0, 1.0)])
+def test_focal_loss_matches_formula_and_normalises_by_positives(alpha: float, beta: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, generator=gen) * 3
+    target = torch.rand(2, 3, 4, 5, generator=gen) * 0.99
+    positives = [(0, 0, 1, 1), (0, 2, 3, 4), (1, 1, 0, 0)]
+    for b, c, y, x in positives:
+        target[b, c, y, x] = 1.0
+    total = sum(
+        focal_term(float(lo), float(t), alpha, beta)
+        for lo, t in zip(logits.flatten(), target.flatten(), strict=True)
+    )
+    loss = focal_loss(logits, target, alpha=alpha, beta=beta)
+    assert float(loss) == pytest.approx(total / len(positives), rel=1e-5)
+
+
+def test_focal_loss_without_positives_divides_by_one() -> None:
+    logits = torch.tensor([[-0.3, 1.2], [0.7, -2.0]]).view(1, 1, 2, 2)
+    target = torch.tensor([[0.0, 0.9], [0.25, 0.0]]).view(1, 1, 2, 2)
+    expected = sum(
+        focal_term(float(lo), float(t))
+        for lo, t in zip(logits.flatten(), target.flatten(), strict=True)
+    )
+    assert float(focal_loss(logits, target)) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("magnitude", [100.0, 1e4])
+def test_focal_loss_is_numerically_safe_for_extreme_logits(magnitude: float) -> None:
+    logits = torch.tensor([magnitude, -magnitude, magnitude, -magnitude, magnitude, -magnitude])
+    logits = logits.view(1, 1, 2, 3).requires_grad_(True)
+    target = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5, 0.5]).view(1, 1, 2, 3)
+    loss = focal_loss(logits, target)
+    loss.backward()
+    loss = loss.detach()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(logits.grad).all()
+    # Two positives. Confidently wrong pixels cost |logit| each (exact log-sigmoid, no 1e-4
+    # clamp): the missed positive (-m) and the confident far negative (+m) give m each, the
+    # confident near-negative (+m, target 0.5) gives m / 16; the right ones cost ~0.
+    expected = (magnitude + magnitude + magnitude / 16) / 2
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    # Gradients point the right way: raise the missed positive, lower the false positives.
+    grad = logits.grad.flatten()
+    assert grad[1] < 0 and grad[2] > 0 and grad[4] > 0
+
+
+def test_focal_loss_negative_weight_switches_off_a_class_negatives() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 2, 3, 3, generator=gen)
+    target = torch.rand(2, 2, 3, 3, generator=gen) * 0.9
+    target[0, 0, 1, 1] = 1.0
+    target[1, 1, 2, 0] = 1.0  # a positive of the class whose negatives are switched off
+    weight = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+
+    def terms(select) -> float:
+        return sum(
+            focal_term(float(logits[idx]), float(target[idx]))
+            for idx in itertools.product(*(range(s) for s in logits.shape))
+            if select(idx, float(target[idx]))
+        )
+
+    positives = terms(lambda idx, t: t == 1.0)
+    class0_negatives = terms(lambda idx, t: t < 1.0 and idx[1] == 0)
+    class1_negatives = terms(lambda idx, t: t < 1.0 and idx[1] == 1)
+    assert class1_negatives > 0.1
+    weighted = focal_loss(logits, target, negative_weight=weight)
+    assert float(weighted) == pytest.approx((positives + class0_negatives) / 2, rel=1e-5)
+    unweighted = focal_loss(logits, target)
+    assert float(unweighted) == pytest.approx(
+        (positives + class0_negatives + class1_negatives) / 2, rel=1e-5
+    )
+    # Per sample: switching class 1 off for sample 0 only leaves sample 1's class-1 negatives.
+    per_sample = focal_loss(logits, target, negative_weight=torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    sample1_class1 = terms(lambda idx, t: t < 1.0 and idx[1] == 1 and idx[0] == 1)
+    assert float(per_sample) == pytest.approx(
+        (positives + class0_negatives + sample1_class1) / 2, rel=1e-5
+    )
+
+
+# ------------------------------------------------------------------------------ masked L1
+
+
+def _regression_case() -> tuple[torch.Tensor, ...]:
+    # prediction [1,2,2,3]: channel 0 = cell index, channel 1 = 10 + cell index.
+    cells = torch.arange(6, dtype=torch.float32).view(2, 3)
+    prediction = torch.stack([cells, cells + 10]).unsqueeze(0)
+    index = torch.tensor([[4, 1, 0, 5]])
+    target = torch.tensor([[[2.5, 16.0], [2.0, 10.0], [0.5, 4.0], [100.0, -100.0]]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last slot is padding
+    return prediction, index, target, mask
+
+
+def test_masked_l1_absolute_by_hand() -> None:
+    prediction, index, target, mask = _regression_case()
+    # cell 4 -> (4, 14), cell 1 -> (1, 11), cell 0 -> (0, 10); padding slot ignored.
+    errors = [abs(4 - 2.5), abs(14 - 16.0), abs(1 - 2.0), abs(11 - 10.0), abs(0 - 0.5), abs(10 - 4)]
+    expected = sum(errors) / 6
+    assert float(masked_l1(prediction, index, target, mask)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_masked_l1_relative_divides_by_target() -> None:
+    prediction, index, target, mask = _regression_case()
+    # Each error divided by its target, targets below 1 divided by 1.
+    errors = [1.5 / 2.5, 2.0 / 16.0, 1.0 / 2.0, 1.0 / 10.0, 0.5 / 1.0, 6.0 / 4.0]
+    expected = sum(errors) / 6
+    loss = masked_l1(prediction, index, target, mask, relative=True)
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
+
+
+def test_masked_l1_ignores_masked_slots_entirely() -> None:
+    prediction, index, target, mask = _regression_case()
+    prediction.requires_grad_(True)
+    base = masked_l1(prediction, index, target, mask)
+    changed = target.clone()
+    changed[0, 3] = torch.tensor([1e6, 1e6])
+    assert float(masked_l1(prediction.detach(), index, changed, mask)) == float(base.detach())
+    base.backward()
+    # Only the three real cells (4, 1, 0) receive gradient; cell 5 (padding) gets none.
+    touched = prediction.grad.abs().sum(1).flatten().nonzero().flatten().tolist()
+    assert sorted(touched) == [0, 1, 4]
+
+
+def test_masked_l1_no_objects_is_zero() -> None:
+    prediction, index, target, _ = _regression_case()
+    assert float(masked_l1(prediction, index, target, torch.zeros(1, 4))) == 0.0
+
+
+# ------------------------------------------------------------------------------ CenterNetLoss
+
+
+def _batch_and_outputs() -> tuple[dict, dict]:
+    gen = torch.Generator().manual_seed(2)
+    b, c, h, w, m = 2, 3, 4, 4, 5
+    heatmap = torch.rand(b, c, h, w, generator=gen) * 0.9
+    heatmap[0, 1, 2, 2] = 1.0
+    batch = {
+        "heatmap": heatmap,
+        "wh": torch.rand(b, m, 2, generator=gen) * 5,
+        "offset": torch.rand(b, m, 2, generator=gen),
+        "index": torch.randint(0, h * w, (b, m), generator=gen),
+        "mask": torch.tensor([[1.0, 1, 0, 0, 0], [1, 1, 1, 0, 0]]),
+        "labeled": torch.tensor([[True, False, True], [True, True, True]]),
+    }
+    outputs = {
+        "heatmap": torch.randn(b, c, h, w, generator=gen),
+        "wh": torch.randn(b, 2, h, w, generator=gen),
+        "offset": torch.randn(b, 2, h, w, generator=gen),
+    }
+    return outputs, batch
+
+
+@pytest.mark.parametrize("wh_relative", [False, True])
+@pytest.mark.parametrize("ignore_unlabelled", [False, True])
+def test_centernet_loss_terms(wh_relative: bool, ignore_unlabelled: bool) -> None:
+    outputs, batch = _batch_and_outputs()
+    terms = CenterNetLoss(wh_relative=wh_relative, ignore_unlabelled=ignore_unlabelled)(
+        outputs, batch
+    )
+    assert list(terms) == ["cls", "wh", "offset"]
+    weight = batch["labeled"].float() if ignore_unlabelled else None
+    expected_cls = focal_loss(outputs["heatmap"], batch["heatmap"], negative_weight=weight)
+    assert float(terms["cls"]) == pytest.approx(float(expected_cls), rel=1e-6)
+    expected_wh = masked_l1(outputs["wh"], batch["index"], batch["wh"], batch["mask"], wh_relative)
+    assert float(terms["wh"]) == pytest.approx(float(expected_wh), rel=1e-6)
+    expected_offset = masked_l1(outputs["offset"], batch["index"], batch["offset"], batch["mask"])
+    assert float(terms["offset"]) == pytest.approx(float(expected_offset), rel=1e-6)
+    # ignore_unlabelled really changes the class term (sample 0 does not label class 1).
+    other = CenterNetLoss(wh_relative=wh_relative, ignore_unlabelled=not ignore_unlabelled)
+    assert float(other(outputs, batch)["cls"]) != pytest.approx(float(terms["cls"]), rel=1e-3)

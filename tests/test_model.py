@@ -1,0 +1,204 @@
+"""CenterNet model: output shapes at stride 4, head initialisation, gradient checkpointing
+(outputs, gradients and BatchNorm statistics identical), input dtype, build_model errors."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import pytest
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from centerx.model import centernet
+from centerx.model.centernet import CenterNet, build_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, 3, height, width), generator=gen, dtype=torch.uint8)
+
+
+def _build(cfg: DictConfig, backbone: str, skip: bool, num_classes: int = 3, **extra) -> CenterNet:
+    cfg.backbone = backbone
+    cfg.skip_connections = skip
+    cfg.pretrained = None
+    for key, value in extra.items():
+        cfg[key] = value
+    torch.manual_seed(0)
+    return build_model(cfg, num_classes, pretrained=False)
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skips", "noskips"])
+@pytest.mark.parametrize(
+    "backbone,hw", [("tiny", (64, 64)), ("tiny", (96, 128)), ("resnet18", (64, 64))]
+)
+def test_output_shapes_at_stride_4(tiny_model_cfg, backbone: str, hw, skip: bool) -> None:
+    model = _build(tiny_model_cfg, backbone, skip, num_classes=5).eval()
+    assert model.stride == 4 and model.num_classes == 5
+    assert model.neck.uses_skips is skip
+    laterals = [stage.lateral for stage in model.neck]
+    assert all((lateral is not None) is skip for lateral in laterals)
+    with torch.no_grad():
+        out = model(_images(2, *hw))
+    h, w = hw[0] // 4, hw[1] // 4
+    assert set(out) == {"heatmap", "wh", "offset"}
+    assert out["heatmap"].shape == (2, 5, h, w)
+    assert out["wh"].shape == (2, 2, h, w)
+    assert out["offset"].shape == (2, 2, h, w)
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_skip_connections_feed_the_neck(tiny_model_cfg) -> None:
+    """With skips, the stride-4 backbone features reach the output (and change it)."""
+    model = _build(tiny_model_cfg, "tiny", True).eval()
+    seen = {}
+    hooks = [
+        stage.lateral.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, i[0].shape))
+        for k, stage in enumerate(model.neck)
+    ]
+    with torch.no_grad():
+        model(_images(1, 64, 64))
+    for hook in hooks:
+        hook.remove()
+    # Laterals receive the backbone's stride-16, 8, 4 maps.
+    assert [shape[-1] for _, shape in sorted(seen.items())] == [4, 8, 16]
+
+
+def test_heatmap_bias_gives_prior_0_1(tiny_model_cfg) -> None:
+    model = _build(tiny_model_cfg, "tiny", True)
+    bias = model.heads.heatmap[-1].bias
+    torch.testing.assert_close(torch.sigmoid(bias), torch.full_like(bias, 0.1), atol=1e-6, rtol=0)
+    assert float(bias[0].detach()) == pytest.approx(-math.log(9), abs=1e-6)
+    for head in (model.heads.wh, model.heads.offset):
+        assert torch.equal(head[-1].bias, torch.zeros_like(head[-1].bias))
+    # With small random head weights the average initial probability is near the prior.
+    model.eval()
+    with torch.no_grad():
+        probs = torch.sigmoid(model(_images(1, 64, 64))["heatmap"])
+    assert 0.02 < float(probs.mean()) < 0.3
+
+
+def test_uint8_and_float_inputs_give_the_same_output(tiny_model_cfg) -> None:
+    model = _build(tiny_model_cfg, "tiny", True).eval()
+    images = _images(2, 64, 96)
+    with torch.no_grad():
+        from_uint8 = model(images)
+        from_float = model(images.float())
+    for key in from_uint8:
+        assert torch.equal(from_uint8[key], from_float[key]), key
+
+
+def test_unknown_backbone_lists_the_available_ones(tiny_model_cfg) -> None:
+    tiny_model_cfg.backbone = "nope"
+    with pytest.raises(ValueError) as info:
+        build_model(tiny_model_cfg, 3)
+    message = str(info.value)
+    assert "nope" in message
+    for name in tiny_model_cfg.backbones:
+        assert name in message
+
+
+# ------------------------------------------------------------------------ gradient checkpointing
+
+
+def _batchnorm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: buffer.clone()
+        for name, buffer in model.named_buffers()
+        if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+    }
+
+
+def _train_step(model: CenterNet, images: torch.Tensor, seed: int = 1) -> dict[str, torch.Tensor]:
+    """One forward/backward/SGD step with a fixed random objective; returns the outputs."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    outputs = model(images)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((v * torch.randn(v.shape, generator=gen)).sum() for v in outputs.values())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {k: v.detach() for k, v in outputs.items()}
+
+
+def _count_stem_forwards(model: CenterNet) -> list[int]:
+    # A pre-hook: non-reentrant checkpointing stops a recompute early once it has every
+    # tensor backward needs, so a post-forward hook may not fire.
+    calls = [0]
+    model.backbone.stages()[0].register_forward_pre_hook(
+        lambda *_: calls.__setitem__(0, calls[0] + 1)
+    )
+    return calls
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skips", "noskips"])
+def test_grad_checkpoint_same_outputs_gradients_and_batchnorm_stats(tiny_model_cfg, skip) -> None:
+    plain = _build(tiny_model_cfg, "tiny", skip)
+    ckpt = copy.deepcopy(plain)
+    ckpt.grad_checkpoint = True
+    before = _batchnorm_buffers(plain)
+    plain_calls, ckpt_calls = _count_stem_forwards(plain), _count_stem_forwards(ckpt)
+    images = _images(2, 64, 64, seed=3)
+
+    out_plain = _train_step(plain, images)
+    grads_plain = {n: p.grad.clone() for n, p in plain.named_parameters()}
+    out_ckpt = _train_step(ckpt, images)
+    grads_ckpt = {n: p.grad.clone() for n, p in ckpt.named_parameters()}
+
+    # Checkpointing really recomputed the forward during backward.
+    assert plain_calls[0] == 1 and ckpt_calls[0] == 2
+    for key in out_plain:
+        torch.testing.assert_close(out_ckpt[key], out_plain[key], atol=1e-5, rtol=1e-5)
+    assert grads_plain.keys() == grads_ckpt.keys()
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5, msg=name)
+    # BatchNorm statistics: updated exactly once per step in both (no double update).
+    stats_plain, stats_ckpt = _batchnorm_buffers(plain), _batchnorm_buffers(ckpt)
+    assert stats_plain.keys() == before.keys() and len(before) > 0
+    for name in stats_plain:
+        assert torch.equal(stats_ckpt[name], stats_plain[name]), name
+        if name.endswith("num_batches_tracked"):
+            assert int(stats_plain[name]) == int(before[name]) + 1
+    assert any(not torch.equal(stats_plain[n], before[n]) for n in before if "running_mean" in n)
+
+
+def test_without_restoring_batchnorm_stats_checkpointing_double_updates(
+    tiny_model_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pitfall the implementation guards against is real: with the recompute context
+    made a no-op, BatchNorm running stats are updated twice and differ from plain training."""
+    monkeypatch.setattr(
+        centernet, "_batchnorm_stats_restored", lambda module: contextlib.nullcontext()
+    )
+    plain = _build(tiny_model_cfg, "tiny", True)
+    ckpt = copy.deepcopy(plain)
+    ckpt.grad_checkpoint = True
+    images = _images(2, 64, 64, seed=3)
+    _train_step(plain, images)
+    _train_step(ckpt, images)
+    stats_plain, stats_ckpt = _batchnorm_buffers(plain), _batchnorm_buffers(ckpt)
+    tracked = [n for n in stats_plain if n.endswith("num_batches_tracked")]
+    assert all(int(stats_ckpt[n]) == int(stats_plain[n]) + 1 for n in tracked)
+    assert any(
+        not torch.allclose(stats_ckpt[n], stats_plain[n]) for n in stats_plain if "running" in n
+    )
+
+
+def test_grad_checkpoint_inactive_in_eval_and_no_grad(tiny_model_cfg) -> None:
+    model = _build(tiny_model_cfg, "tiny", True, grad_checkpoint=True)
+    assert model.grad_checkpoint is True
+    calls = _count_stem_forwards(model)
+    stats = _batchnorm_buffers(model)
+    model.eval()
+    out = model(_images(1, 64, 64))
+    out["heatmap"].sum().backward()
+    assert calls[0] == 1  # no recompute outside training
+    assert all(torch.equal(v, _batchnorm_buffers(model)[k]) for k, v in stats.items())
