@@ -48,7 +48,7 @@ class TrainingDataset(Dataset):
         image_size: int,
         augment: AugmentConfig | None = None,
         max_objects: int = 64,
-        min_overlap: float = 0.7,
+        min_overlap: float = 0.3,
         seed: int = 0,
     ) -> None:
         self.source = source
@@ -156,7 +156,10 @@ def build_loader(
         collate_fn=collate,
         drop_last=drop_last,
         generator=generator,
-        persistent_workers=num_workers > 0,
+        # Not persistent: workers keep the dataset copy they started with, so the trainer's
+        # per-epoch `dataset.epoch` (new augmentations each epoch) would never reach them, and
+        # the shuffle order would depend on whether the workers were just started (inexact resume).
+        persistent_workers=False,
     )
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def gaussian_radius(height: np.ndarray, width: np.ndarray, min_overlap: float = 0.7) -> np.ndarray:
+def gaussian_radius(height: np.ndarray, width: np.ndarray, min_overlap: float = 0.3) -> np.ndarray:
     """Largest corner displacement r keeping IoU >= min_overlap with the true box.
 
     CornerNet's three cases, each a quadratic in r, smallest root taken:
@@ -19,9 +19,12 @@ def gaussian_radius(height: np.ndarray, width: np.ndarray, min_overlap: float = 
       3. both corners move outwards:        wh / ((w+2r)(h+2r)) = o
     CornerNet's published code solved cases 1 and 2 with (b + sqrt(D)) / 2 instead of
     (b - sqrt(D)) / (2a), which over-estimates the radius (mmdetection documents the fix).
-    We use the corrected roots. min_overlap=0.7 is CenterNet's choice: it gives
-    Gaussians of roughly a third of the box side, wide enough to teach near misses
-    without making neighbouring objects' peaks merge.
+    We use the corrected roots, with min_overlap=0.3 by default (mmdetection's pairing).
+    CenterNet's 0.7 only works with the buggy roots: corrected, 0.7 gives radius 0 for
+    every box under ~10 output cells, so the heatmap target degenerates to single hot
+    pixels, the focal loss's penalty reduction never applies, and small models learn
+    several times slower. At 0.3 an 8x8-cell box gets radius 1 (a 3x3 Gaussian), close
+    to what CenterNet's buggy 0.7 gives (2), and still far from merging neighbours.
     """
     h = np.asarray(height, np.float64)
     w = np.asarray(width, np.float64)
@@ -77,7 +80,7 @@ def build_targets(
     num_classes: int,
     grid_size: tuple[int, int],
     max_objects: int,
-    min_overlap: float = 0.7,
+    min_overlap: float = 0.3,
 ) -> Targets:
     """Targets for one image; boxes are xyxy in grid units inside the grid."""
     height, width = grid_size

@@ -41,6 +41,28 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_true(flag: bool) -> bool:
+    """Whether `flag` holds on every rank (a decision all ranks must take together)."""
+    if not is_distributed():
+        return flag
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    )
+    value = torch.tensor(int(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DDP keeps parameters
+    equal, but each rank updates its running statistics with its own batches."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def gather_lists(items: list) -> list:
     """Concatenate each rank's list on every rank."""
     if not is_distributed():

@@ -70,13 +70,12 @@ def predict_source(
 ) -> list[dict]:
     """COCO-format detections for every image of `source` (sharded across ranks, gathered)."""
     dataset = EvalDataset(source, image_size)
-    loader = build_loader(
-        dataset,
-        batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        distributed=dist.is_distributed(),
-    )
+    if dist.is_distributed():
+        # Every world_size-th image per rank. Not DistributedSampler: it pads the shards to
+        # equal length by repeating images, whose detections would then be scored twice.
+        shard = range(dist.rank(), len(dataset), dist.world_size())
+        dataset = torch.utils.data.Subset(dataset, shard)
+    loader = build_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
     results: list[dict] = []
     for batch in tqdm(loader, desc="eval", disable=not (progress and dist.is_main()), leave=False):
         if "image" not in batch:
