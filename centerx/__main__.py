@@ -16,6 +16,10 @@ def main() -> None:
         sys.exit(f"centerx: unknown subcommand {command!r}; choose one of {', '.join(SUBCOMMANDS)}")
     from centerx import cli  # deferred: `--help` on a typo should not pay for importing torch
 
+    if command in ("eval", "predict"):
+        # `model=PATH` names a file, but conf/model/ is a config group, so Hydra would read it as
+        # a group choice and fail; `checkpoint=` takes .pt and .onnx paths alike.
+        args = [f"checkpoint={a[len('model=') :]}" if a.startswith("model=") else a for a in args]
     sys.argv = [f"centerx {command}", *args]
     cli.run(command)
 

@@ -176,16 +176,27 @@ def eval_task(cfg: DictConfig) -> dict:
 def predict_task(cfg: DictConfig) -> dict:
     if not cfg.get("input"):
         raise ValueError("say what to predict on: input=IMAGE_OR_FOLDER")
-    loaded = load_for_inference(cfg)
     out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else run_dir()
-    summary = predict_files(
-        loaded.predictor,
-        list_images(cfg.input),
-        loaded.class_names,
-        loaded.image_size,
-        out_dir,
-        cfg.score_threshold,
-    )
+    path = str(cfg.get("model") or cfg.get("checkpoint") or "")
+    if path.endswith(".onnx"):
+        # The torch-free deployment predictor does the whole job (read, letterbox, run, draw).
+        from centerx_export.predictor import OnnxDetector
+        from centerx_export.predictor import predict_files as predict_onnx_files
+
+        detector = OnnxDetector(path, top_k=cfg.eval.top_k)
+        if cfg.get("image_size"):
+            detector.image_size = int(cfg.image_size)
+        summary = predict_onnx_files(detector, cfg.input, out_dir, cfg.score_threshold)
+    else:
+        loaded = load_for_inference(cfg)
+        summary = predict_files(
+            loaded.predictor,
+            list_images(cfg.input),
+            loaded.class_names,
+            loaded.image_size,
+            out_dir,
+            cfg.score_threshold,
+        )
     count = sum(len(item["detections"]) for item in summary["images"])
     print(f"{count} detections in {len(summary['images'])} images -> {out_dir}")
     return {
