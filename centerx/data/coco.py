@@ -17,7 +17,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from centerx.data.base import Annotation, DatasetError, DetectionSource, ImageInfo, read_image
-from centerx.data.voc import (
+from centerx.data.files import (
     DropCounter,
     Record,
     check_class_names,

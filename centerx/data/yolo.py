@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from centerx.data.base import Annotation, DatasetError, DetectionSource, ImageInfo, read_image
-from centerx.data.voc import (
+from centerx.data.files import (
     IMAGE_EXTENSIONS,
     DropCounter,
     Record,
