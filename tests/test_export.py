@@ -31,7 +31,6 @@ from centerx_export.onnx_export import (
     compare_peaks,
     export_onnx,
     export_task,
-    fp16_passed,
     torch_reference,
     verify_onnx,
 )
@@ -464,7 +463,13 @@ def test_fp16_parity_in_onnxruntime_and_reference(spread_model, exports, images)
     assert len(half) > 20 and all(np.isfinite(v).all() for v in half)
     got = tuple(by_name[o.name] for o in proto.graph.output)
     figures = compare_fp16(reference, got, threshold, scores)
-    assert figures["reference"] > 20 and fp16_passed(figures), figures
+    # True FP16 arithmetic end to end (unlike onnxruntime above, which is held to the exact
+    # set match): a score within FP16 rounding of the threshold may cross it either way, so
+    # here a few detections may appear or vanish at the cut; the scores that match must agree.
+    assert figures["reference"] > 20, figures
+    assert figures["matched"] >= 0.95 * figures["reference"], figures
+    assert figures["missing"] + figures["extra"] <= max(2, 0.05 * figures["reference"]), figures
+    assert figures["max_score_abs"] <= 1e-2, figures
 
 
 # ---------------------------------------------------------------------------------------------
