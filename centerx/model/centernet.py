@@ -45,7 +45,9 @@ def _stage_channels(backbone: nn.Module) -> dict[int, int]:
     backbone.train(was_training)
     missing = [s for s in (4, 8, 16) if s not in channels]
     if missing:
-        raise ValueError(f"{type(backbone).__name__} has no stage at stride {missing}: use model.skip_connections=false")
+        raise ValueError(
+            f"{type(backbone).__name__} has no stage at stride {missing}: use model.skip_connections=false"
+        )
     return channels
 
 
@@ -77,7 +79,9 @@ class CenterNet(nn.Module):
         self.register_buffer("input_mean", mean, persistent=False)
         self.register_buffer("input_std", std, persistent=False)
 
-    def _run(self, stage: Callable[..., torch.Tensor], *inputs: torch.Tensor | None) -> torch.Tensor:
+    def _run(
+        self, stage: Callable[..., torch.Tensor], *inputs: torch.Tensor | None
+    ) -> torch.Tensor:
         if self.grad_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(
                 stage,

@@ -38,7 +38,9 @@ def _conv_bn_relu(in_channels: int, out_channels: int, kernel: int) -> list[nn.M
 
 
 class UpsampleStage(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, skip_channels: int | None = None) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, skip_channels: int | None = None
+    ) -> None:
         super().__init__()
         deconv = nn.ConvTranspose2d(out_channels, out_channels, 4, stride=2, padding=1, bias=False)
         _bilinear_deconv_init(deconv)
@@ -48,7 +50,9 @@ class UpsampleStage(nn.Module):
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
-        self.lateral = nn.Sequential(*_conv_bn_relu(skip_channels, out_channels, 1)) if skip_channels else None
+        self.lateral = (
+            nn.Sequential(*_conv_bn_relu(skip_channels, out_channels, 1)) if skip_channels else None
+        )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         x = self.up(x)
@@ -59,7 +63,10 @@ class UpsampleNeck(nn.ModuleList):
     """Three x2 upsampling stages; `skip_channels` are the backbone's stride 16, 8, 4 widths."""
 
     def __init__(
-        self, in_channels: int, channels: Sequence[int] = (256, 128, 64), skip_channels: Sequence[int] | None = None
+        self,
+        in_channels: int,
+        channels: Sequence[int] = (256, 128, 64),
+        skip_channels: Sequence[int] | None = None,
     ) -> None:
         skips = list(skip_channels) if skip_channels else [None] * len(channels)
         stages, previous = [], in_channels
