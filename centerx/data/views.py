@@ -23,7 +23,22 @@ from centerx.data.base import Annotation, DatasetError, DetectionSource, ImageIn
 PseudoBoxes = tuple[np.ndarray, np.ndarray] | Annotation
 
 
-class ClassSubset(DetectionSource):
+class _SourceView(DetectionSource):
+    """The same images as `self.source`; subclasses change only the annotations."""
+
+    source: DetectionSource
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def image_info(self, index: int) -> ImageInfo:
+        return self.source.image_info(index)
+
+    def load_image(self, index: int) -> np.ndarray:
+        return self.source.load_image(index)
+
+
+class ClassSubset(_SourceView):
     """The named classes of `source` only (in the given order); `class_names=None` keeps all."""
 
     def __init__(self, source: DetectionSource, class_names: Sequence[str] | None = None) -> None:
@@ -40,15 +55,6 @@ class ClassSubset(DetectionSource):
         # source class index -> subset index (-1: dropped)
         self._remap = np.full(source.num_classes, -1, np.int64)
         self._remap[self._picked] = np.arange(len(names))
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def image_info(self, index: int) -> ImageInfo:
-        return self.source.image_info(index)
-
-    def load_image(self, index: int) -> np.ndarray:
-        return self.source.load_image(index)
 
     def _subset(self, ann: Annotation) -> Annotation:
         labels = self._remap[ann.labels]
@@ -73,7 +79,7 @@ class ClassSubset(DetectionSource):
         return np.asarray(self.source.labeled_classes(index))[self._picked]
 
 
-class PseudoLabeled(DetectionSource):
+class PseudoLabeled(_SourceView):
     """`source` plus pseudo-label boxes for `class_names_to_fill`, which become labelled.
 
     `detections_by_index[i]` holds image i's pseudo-labels as (boxes, labels) with labels
@@ -100,15 +106,6 @@ class PseudoLabeled(DetectionSource):
         self.category_ids = list(source.category_ids)
         self._fill = np.array([name in class_names_to_fill for name in self.class_names])
         self._detections = detections_by_index
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def image_info(self, index: int) -> ImageInfo:
-        return self.source.image_info(index)
-
-    def load_image(self, index: int) -> np.ndarray:
-        return self.source.load_image(index)
 
     def _pseudo(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(self._detections, Mapping):
