@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--images", type=int, default=512, help="synthetic training images")
     parser.add_argument("--val-images", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="default: conf/train/default.yaml's"
+    )
     parser.add_argument(
         "--factor", type=float, default=10.0, help="lr multiplier of the stress runs"
     )
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     base_lr = args.lr if args.lr is not None else default_lr()
     common = [
         f"train.epochs={args.epochs}",
-        f"train.batch_size={args.batch_size}",
+        *([f"train.batch_size={args.batch_size}"] if args.batch_size else []),
         f"train.eval_every={args.eval_every}",
         "train.progress=false",
         f"data.train.num_images={args.images}",
