@@ -45,9 +45,9 @@ def draw_samples(
     count: int = 8,
     score_threshold: float = 0.3,
 ) -> None:
-    """A grid of the first `count` images of `source` with their detections."""
+    """A grid of `count` images spread evenly over `source` (sorted sets vary by class)."""
     tiles = []
-    for index in range(min(count, len(source))):
+    for index in range(0, len(source), max(1, len(source) // count))[:count]:
         image = source.load_image(index)
         boxes, scores, classes = predict_image(predictor, image, image_size, score_threshold)
         tiles.append(draw_detections(image, boxes, scores, classes, source.class_names))
