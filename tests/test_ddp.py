@@ -32,7 +32,7 @@ from centerx.data.synthetic import SyntheticShapes
 from centerx.engine.checkpoint import load_checkpoint, to_plain
 from centerx.engine.trainer import SupervisedObjective, Trainer
 from centerx.losses.centernet_loss import CenterNetLoss
-from centerx.losses.weighting import FixedWeights
+from centerx.losses.weighting import AdaptiveMagnitudeWeights, FixedWeights
 from centerx.model.centernet import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,6 +204,63 @@ def _trainer_scenario(rank: int, out_dir: Path) -> None:
     )
 
 
+class ZeroSizeTermOnOneRank:
+    """The supervised objective, except that rank 1's wh term is 0 at its 2nd call (what a
+    batch without objects gives): the adaptive weighter skips it on that rank only."""
+
+    def __init__(self, rank: int) -> None:
+        self.inner = SupervisedObjective(CenterNetLoss())
+        self.rank, self.calls = rank, 0
+
+    def __call__(self, model, batch):
+        terms = self.inner(model, batch)
+        self.calls += 1
+        if self.rank == 1 and self.calls == 2:
+            terms = {**terms, "wh": terms["wh"] * 0.0}
+        return terms
+
+
+def _skipped_term_scenario(rank: int, out_dir: Path) -> None:
+    """Adaptive weighter under DDP: a term skipped on one rank must neither hang the ranks nor
+    let their weights drift apart (its head gets a zero gradient there)."""
+    source = SyntheticShapes(num_images=16, seed=0, class_names=CLASSES, image_size=IMAGE_SIZE)
+    loader = build_loader(
+        TrainingDataset(source, IMAGE_SIZE, augment=None),
+        PER_RANK,
+        shuffle=True,
+        distributed=True,
+        drop_last=True,
+    )
+    targets = OmegaConf.load(REPO / "conf" / "loss" / "adaptive.yaml").weighter.targets
+    objective = ZeroSizeTermOnOneRank(rank)
+    meta = to_plain(
+        {
+            "class_names": CLASSES,
+            "model_config": {"backbone": "tiny"},
+            "image_size": IMAGE_SIZE,
+            "config": {},
+        }
+    )
+    trainer = Trainer(
+        tiny_model(),
+        objective,
+        AdaptiveMagnitudeWeights(dict(targets)),
+        loader,
+        train_cfg(eval_every=100),
+        out_dir / "skipped_run",
+        meta,
+    )
+    trainer.fit()
+    torch.save(
+        {
+            "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+            "global_step": trainer.global_step,
+            "calls": objective.calls,
+        },
+        out_dir / f"skipped_rank{rank}.pt",
+    )
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -213,6 +270,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         _gradient_scenario(rank, Path(out_dir))
         _trainer_scenario(rank, Path(out_dir))
+        _skipped_term_scenario(rank, Path(out_dir))
     finally:
         torch_dist.destroy_process_group()
 
@@ -353,3 +411,18 @@ def test_cli_torchrun_end_to_end(tmp_path: Path) -> None:
     # The evaluation during training (stored in last.pt) saw the same model as eval.json.
     assert last["metrics"]["num_detections"] == metrics["num_detections"]
     assert last["metrics"]["AP"] == pytest.approx(metrics["AP"], abs=1e-6)
+
+
+def test_ddp_term_skipped_on_one_rank_keeps_ranks_in_step(ddp_results: Path) -> None:
+    """Rank 1's wh term is zero in one step; the adaptive weighter skips it there only. Both
+    ranks finish every step (no hang in the gradient all-reduce) with identical weights."""
+    ranks = [torch.load(ddp_results / f"skipped_rank{r}.pt") for r in range(WORLD)]
+    assert [r["global_step"] for r in ranks] == [4, 4]  # 2 epochs x 2 steps, none lost
+    assert [r["calls"] for r in ranks] == [4, 4]
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    assert any(
+        not torch.equal(value, tiny_model().state_dict()[name])
+        for name, value in ranks[0]["params"].items()
+        if name.startswith("head")
+    ), "the heads never moved"

@@ -43,6 +43,8 @@ class Objective(Protocol):
 
 
 class Weighter(Protocol):
+    may_skip_terms: bool  # whether a term can drop out of the graph in some steps
+
     def __call__(self, terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -129,7 +131,11 @@ class Trainer:
         self.wrapped: nn.Module = self.model
         if dist.is_distributed():
             self.wrapped = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # A term skipped on one rank only (e.g. no objects in its batch) leaves that
+                # head's parameters without a gradient there; DDP must count them as zero.
+                find_unused_parameters=weighter.may_skip_terms,
             )
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=dist.is_main())
         self.epoch = 0  # epochs completed
@@ -195,8 +201,8 @@ class Trainer:
         buffers = [b.clone() for b in self.model.buffers()]
         terms = self.objective(self.wrapped, batch)
         loss, logs = self.weighter(terms)
-        if not loss.requires_grad:
-            return None  # every term was skipped by the weighter
+        if not dist.all_true(loss.requires_grad):
+            return None  # every term was skipped by the weighter (on some rank: all skip)
         self.optimizer.zero_grad(set_to_none=True)
         # Under DDP every rank must skip together: one rank skipping backward while the
         # others wait in its gradient all-reduce would hang them all.

@@ -24,6 +24,8 @@ def _lookup(table: Mapping[str, float], name: str, what: str) -> float:
 class FixedWeights:
     """total = sum(weight[name] * term)."""
 
+    may_skip_terms = False  # every term is always in the graph
+
     def __init__(self, weights: Mapping[str, float]) -> None:
         self.weights = dict(weights)
 
@@ -49,10 +51,19 @@ class AdaptiveMagnitudeWeights:
 
     With momentum 0 the weighted value equals the target exactly; momentum > 0 smooths the
     scale so one noisy batch does not jerk it. The gradient of each term is scaled by
-    target / magnitude, so no term can swamp the others and a learning rate that would
-    blow up fixed weights stays tame. A term that is zero, tiny (< eps) or non-finite is
-    skipped for this step (its scale is not updated) and reported in the logs.
+    target / magnitude, so no term can swamp the others, and a loss that spikes is scaled
+    back down at once instead of producing a spike-sized update. A term that is zero, tiny
+    (< eps) or non-finite is skipped for this step (its scale is not updated) and logged.
+
+    The lr robustness this buys is an SGD property: SGD's step is proportional to the
+    gradient, so rescaling terms rescales the step. Adam(W) divides every gradient by its
+    own running RMS, so the step size ignores the weights; there the weighter only changes
+    the balance between terms (scripts/lr_stress.py measures both).
     """
+
+    # A skipped term leaves its head without a gradient in that step: under DDP the trainer
+    # then lets DistributedDataParallel look for unused parameters.
+    may_skip_terms = True
 
     def __init__(
         self, targets: Mapping[str, float], momentum: float = 0.0, eps: float = 1e-8

@@ -1,0 +1,86 @@
+"""The measurement scripts run end to end at toy sizes and write what their docs promise.
+
+They produce the README's figures, so a script that silently breaks would leave stale numbers.
+Only the structure of the output is checked here: the figures themselves are measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_lr_stress_writes_three_runs_and_the_verdicts(tmp_path: Path) -> None:
+    out = tmp_path / "stress"
+    run_script(
+        "lr_stress.py",
+        *("--out", str(out), "--epochs", "1", "--images", "16", "--val-images", "4"),
+        *("--batch-size", "8", "--eval-every", "1"),
+        "data.image_size=64",
+    )
+    summary = json.loads((out / "lr_stress.json").read_text())
+    assert summary["optimizer"] == "sgd" and summary["default_lr"] == pytest.approx(0.02)
+    runs = summary["runs"]
+    assert set(runs) == {"default_lr_fixed", "high_lr_fixed", "high_lr_adaptive"}
+    assert runs["high_lr_fixed"]["lr"] == pytest.approx(10 * runs["default_lr_fixed"]["lr"])
+    assert all(run["finished"] and run["exit_code"] == 0 for run in runs.values()), runs
+    # The adaptive run really used the adaptive weighter (it logs its per-term scales).
+    steps = [
+        json.loads(line)
+        for line in (out / "high_lr_adaptive" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert any("scale/cls" in record for record in steps)
+    assert not any("scale/cls" in line for line in (out / "high_lr_fixed" / "metrics.jsonl").open())
+    assert set(summary["claims"]) >= {
+        "fixed_high_lr_diverges_or_loses_most",
+        "adaptive_high_lr_within_tolerance",
+    }
+    assert (out / "lr_stress.png").stat().st_size > 10_000
+    assert (
+        "PASS" in (out / "lr_stress.md").read_text() or "FAIL" in (out / "lr_stress.md").read_text()
+    )
+
+
+@pytest.mark.slow
+def test_benchmark_train_reports_both_variants(tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
+    run_script(
+        "benchmark_train.py",
+        *("--steps", "1", "--warmup", "0", "--repeats", "1", "--json", str(report)),
+        *("data.image_size=64", "train.batch_size=2", "train.num_threads=1"),
+    )
+    result = json.loads(report.read_text())
+    text = json.dumps(result)
+    assert "grad_checkpoint" in text and "plain" in text, result
+
+
+def test_benchmark_export_measures_every_variant(tmp_path: Path) -> None:
+    report = tmp_path / "export.json"
+    run_script(
+        "benchmark_export.py",
+        *("--image-size", "64", "--repeats", "1", "--warmup", "0", "--threads", "1"),
+        *("--json", str(report)),
+    )
+    result = json.loads(report.read_text())
+    text = json.dumps(result)
+    for variant in ("post_detections", "post_heatmap", "e2e_onnx_detections", "e2e_torch_eager"):
+        assert variant in text, result
