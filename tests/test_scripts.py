@@ -55,32 +55,41 @@ def test_lr_stress_writes_three_runs_and_the_verdicts(tmp_path: Path) -> None:
         "adaptive_high_lr_within_tolerance",
     }
     assert (out / "lr_stress.png").stat().st_size > 10_000
-    assert (
-        "PASS" in (out / "lr_stress.md").read_text() or "FAIL" in (out / "lr_stress.md").read_text()
-    )
+    report = (out / "lr_stress.md").read_text()
+    assert all(f"| {name} |" in report for name in runs), report
+    assert report.count("**PASS**") + report.count("**FAIL**") == 2, report
+
+
+def run_for_json(name: str, tmp_path: Path, *args: str) -> dict:
+    report = tmp_path / "report.json"
+    run_script(name, *args, "--json", str(report))
+    return json.loads(report.read_text())
 
 
 @pytest.mark.slow
 def test_benchmark_train_reports_both_variants(tmp_path: Path) -> None:
-    report = tmp_path / "bench.json"
-    run_script(
+    result = run_for_json(
         "benchmark_train.py",
-        *("--steps", "1", "--warmup", "0", "--repeats", "1", "--json", str(report)),
+        tmp_path,
+        *("--steps", "1", "--warmup", "0", "--repeats", "1"),
         *("data.image_size=64", "train.batch_size=2", "train.num_threads=1"),
     )
-    result = json.loads(report.read_text())
-    text = json.dumps(result)
-    assert "grad_checkpoint" in text and "plain" in text, result
+    assert set(result["training"]) == {"plain", "grad_checkpoint"}
+    for variant in result["training"].values():
+        assert variant["images_per_s_median"] > 0 and variant["skipped_steps"] == 0
+        assert variant["memory"]["peak_rss_mb"] > 0
+    assert result["pipeline"]["images_per_s_per_worker_median"] > 0
+    assert result["config"]["image_size"] == 64 and result["config"]["batch_size"] == 2
 
 
 def test_benchmark_export_measures_every_variant(tmp_path: Path) -> None:
-    report = tmp_path / "export.json"
-    run_script(
+    result = run_for_json(
         "benchmark_export.py",
+        tmp_path,
         *("--image-size", "64", "--repeats", "1", "--warmup", "0", "--threads", "1"),
-        *("--json", str(report)),
     )
-    result = json.loads(report.read_text())
-    text = json.dumps(result)
-    for variant in ("post_detections", "post_heatmap", "e2e_onnx_detections", "e2e_torch_eager"):
-        assert variant in text, result
+    assert {"post_detections", "post_heatmap", "e2e_onnx_detections", "e2e_torch_eager"} <= set(
+        result["median_ms"]
+    )
+    assert all(ms > 0 for ms in result["median_ms"].values())
+    assert result["image_size"] == 64 and result["heatmap_cells"] == 3 * 16 * 16
