@@ -175,7 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads per run (+1 loader process); 0: torch's default",
     )
     parser.add_argument("--tolerance", type=float, default=0.05, help="'a few AP points'")
-    parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument(
+        "--runs",
+        nargs="*",
+        default=list(RUNS),
+        choices=list(RUNS),
+        help="a subset of the runs (put Hydra overrides before this option)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args(argv)
 
