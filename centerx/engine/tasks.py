@@ -45,7 +45,10 @@ def draw_samples(
     count: int = 8,
     score_threshold: float = 0.3,
 ) -> None:
-    """A grid of `count` images spread evenly over `source` (sorted sets vary by class)."""
+    """A grid of `count` images spread evenly over `source` (sorted sets vary by class);
+    `count` 0 draws nothing."""
+    if count <= 0 or len(source) == 0:
+        return
     tiles = []
     for index in range(0, len(source), max(1, len(source) // count))[:count]:
         image = source.load_image(index)
