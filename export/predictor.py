@@ -35,7 +35,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 
 log = logging.getLogger("centerx_export.predictor")
 
@@ -165,7 +164,7 @@ def decode_heatmap(
 
 
 # ---------------------------------------------------------------------------------------------
-# Drawing
+# Drawing (centerx.utils.visualize draws with these too)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -235,6 +234,8 @@ def parse_metadata(raw: dict[str, str]) -> dict:
 
 def default_providers() -> list[str]:
     """CUDA when this onnxruntime build has it, else CPU."""
+    import onnxruntime as ort  # here, not at the top: the drawing/file helpers need no runtime
+
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
@@ -259,6 +260,8 @@ class OnnxDetector:
             raise ModelError(f"ONNX model not found: {self.path}")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
@@ -363,7 +366,7 @@ class OnnxDetector:
 
 
 # ---------------------------------------------------------------------------------------------
-# Files and the command line
+# Files (centerx.engine's prediction lists images with list_images) and the command line
 # ---------------------------------------------------------------------------------------------
 
 

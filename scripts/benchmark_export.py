@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from centerx_export.onnx_export import export_onnx
-from centerx_export.predictor import OnnxDetector
 from omegaconf import OmegaConf
 
 from centerx.engine.build import model_from_checkpoint
 from centerx.engine.evaluate import torch_predictor
 from centerx.model.centernet import build_model
+from centerx_export.onnx_export import export_onnx
+from centerx_export.predictor import OnnxDetector
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,19 +22,6 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from centerx_export import predictor as onnx_predictor
-from centerx_export.onnx_export import (
-    ExportError,
-    check_options,
-    compare_detections,
-    compare_fp16,
-    compare_peaks,
-    export_onnx,
-    export_task,
-    torch_reference,
-    verify_onnx,
-)
-from centerx_export.predictor import ImageReadError, ModelError, OnnxDetector
 from omegaconf import OmegaConf
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
@@ -48,6 +35,19 @@ from centerx.engine.evaluate import evaluate_predictor, to_original, torch_predi
 from centerx.losses.centernet_loss import CenterNetLoss
 from centerx.model.centernet import build_model
 from centerx.model.decode import peak_mask
+from centerx_export import predictor as onnx_predictor
+from centerx_export.onnx_export import (
+    ExportError,
+    check_options,
+    compare_detections,
+    compare_fp16,
+    compare_peaks,
+    export_onnx,
+    export_task,
+    torch_reference,
+    verify_onnx,
+)
+from centerx_export.predictor import ImageReadError, ModelError, OnnxDetector
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle"]

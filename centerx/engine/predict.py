@@ -18,26 +18,6 @@ from centerx.utils.visualize import draw_detections, save_rgb
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-def list_images(inputs: str | Sequence[str]) -> list[Path]:
-    """Files and folders (searched recursively, sorted) -> image paths; clear error if none."""
-    paths: list[Path] = []
-    for item in [inputs] if isinstance(inputs, str | Path) else inputs:
-        path = Path(item)
-        if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise FileNotFoundError(f"input {path} does not exist")
-    if not paths:
-        raise FileNotFoundError(
-            f"no images found in {inputs} (looked for {sorted(IMAGE_SUFFIXES)})"
-        )
-    return paths
-
 
 def predict_image(
     predictor: Predictor, image: np.ndarray, image_size: int, score_threshold: float

@@ -51,8 +51,9 @@ from centerx.engine.evaluate import (
     to_original,
     torch_predictor,
 )
-from centerx.engine.predict import list_images, predict_files, predict_image
+from centerx.engine.predict import predict_files, predict_image
 from centerx.utils.visualize import draw_detections, image_grid, save_rgb
+from centerx_export.predictor import list_images
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,11 @@ from centerx.engine.build import (
     setup_process,
 )
 from centerx.engine.evaluate import Predictor, evaluate_predictor, format_table, torch_predictor
-from centerx.engine.predict import list_images, predict_files, predict_image
+from centerx.engine.predict import predict_files, predict_image
 from centerx.engine.trainer import SupervisedObjective, Trainer, seed_everything
 from centerx.model.centernet import build_model
 from centerx.utils.visualize import draw_detections, image_grid, save_rgb
+from centerx_export.predictor import list_images
 
 log = logging.getLogger(__name__)
 

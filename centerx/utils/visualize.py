@@ -10,12 +10,12 @@ import numpy as np
 
 from centerx.utils.metrics_log import read_metrics
 
+# One implementation of the drawing shared with deployment: the kit must stay standalone
+# (numpy/OpenCV only), so centerx imports from it, never the other way round.
+from centerx_export.predictor import class_color, save_rgb
+from centerx_export.predictor import draw_detections as draw_boxes
 
-def class_color(index: int) -> tuple[int, int, int]:
-    """A stable, well-separated RGB colour per class (golden-ratio hue steps)."""
-    hue = int((index * 0.618033988749895 % 1.0) * 179)
-    hsv = np.uint8([[[hue, 200, 255]]])
-    return tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0])
+__all__ = ["class_color", "draw_detections", "image_grid", "plot_curves", "save_rgb"]
 
 
 def draw_detections(
@@ -27,29 +27,7 @@ def draw_detections(
     title: str | None = None,
 ) -> np.ndarray:
     """Return a copy of an RGB image with labelled boxes (and an optional title bar)."""
-    canvas = np.ascontiguousarray(image.copy())
-    scale = max(0.35, min(canvas.shape[:2]) / 600)
-    thickness = max(1, round(scale * 2))
-    for box, score, cls in zip(
-        np.asarray(boxes), np.asarray(scores), np.asarray(classes), strict=True
-    ):
-        color = class_color(int(cls))
-        x0, y0, x1, y1 = np.round(np.asarray(box)).astype(int).tolist()
-        cv2.rectangle(canvas, (x0, y0), (x1, y1), color, thickness)
-        label = f"{class_names[int(cls)]} {score:.2f}"
-        (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-        ty = max(th + 2, y0)
-        cv2.rectangle(canvas, (x0, ty - th - 2), (x0 + tw + 2, ty), color, -1)
-        cv2.putText(
-            canvas,
-            label,
-            (x0 + 1, ty - 2),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            scale,
-            (0, 0, 0),
-            1,
-            cv2.LINE_AA,
-        )
+    canvas = draw_boxes(image, boxes, scores, classes, class_names)
     if title:
         bar = np.full((22, canvas.shape[1], 3), 255, np.uint8)
         cv2.putText(bar, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
@@ -77,13 +55,6 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], cell: int = 256, pad: int =
         np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles
     ]
     return np.concatenate(tiles, 0)
-
-
-def save_rgb(path: str | Path, image: np.ndarray) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write image {path}")
 
 
 def plot_curves(metrics_path: str | Path, out_path: str | Path, title: str = "") -> None:
