@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def repo_root() -> Path:
     """The repository root (holds conf/ and centerx/)."""
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def run_ok(repo_root: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run a command from the repository root; the test fails, showing the tail of the
+    command's output, unless it exits 0."""
+
+    def run(
+        command: list[str], timeout: float, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    return run
 
 
 @pytest.fixture

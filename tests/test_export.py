@@ -178,22 +178,19 @@ def trained(tmp_path_factory) -> Path:
     return path
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def run_cli(run_ok):
+    """`python -m centerx ARGS` from the repository root, one OpenMP thread; must exit 0."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "centerx", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return run_ok([sys.executable, "-m", "centerx", *args], timeout, env)
+
+    return run
 
 
 @pytest.fixture(scope="module")
-def cli_export(trained, tmp_path_factory) -> Path:
+def cli_export(trained, run_cli, tmp_path_factory) -> Path:
     """`python -m centerx export` of the trained checkpoint (also traced to TorchScript)."""
     run_dir = tmp_path_factory.mktemp("cli") / "export"
     run_cli("export", f"checkpoint={trained}", "torchscript=true", f"hydra.run.dir={run_dir}")
@@ -477,7 +474,7 @@ def test_fp16_parity_in_onnxruntime_and_reference(spread_model, exports, images)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_map_parity_on_synthetic_validation(trained, cli_export) -> None:
+def test_map_parity_on_synthetic_validation(trained, cli_export, run_cli) -> None:
     model, _ = model_from_checkpoint(trained)
     val = SyntheticShapes(48, seed=1, image_size=TRAIN_SIZE, max_objects=3, size_range=(0.25, 0.5))
     torch_metrics = evaluate_predictor(torch_predictor(model), val, TRAIN_SIZE, progress=False)
@@ -510,7 +507,7 @@ def test_cli_export_writes_model_and_parity_report(cli_export, trained) -> None:
     assert detector.metadata["input_dtype"] == "uint8" and detector.metadata["stride"] == 32
 
 
-def test_cli_predict_uses_the_torch_free_predictor(cli_export, tmp_path) -> None:
+def test_cli_predict_uses_the_torch_free_predictor(cli_export, run_cli, tmp_path) -> None:
     folder = tmp_path / "inputs"
     folder.mkdir()
     sizes = []

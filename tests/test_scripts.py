@@ -7,7 +7,6 @@ Only the structure of the output is checked here: the figures themselves are mea
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,26 +15,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / name), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
+def script(name: str, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / name), *args]
 
 
 @pytest.mark.slow
-def test_lr_stress_writes_three_runs_and_the_verdicts(tmp_path: Path) -> None:
+def test_lr_stress_writes_three_runs_and_the_verdicts(tmp_path: Path, run_ok) -> None:
     out = tmp_path / "stress"
-    run_script(
-        "lr_stress.py",
-        *("--out", str(out), "--epochs", "1", "--images", "16", "--val-images", "4"),
-        *("--batch-size", "8", "--eval-every", "1"),
-        "data.image_size=64",
+    run_ok(
+        script(
+            "lr_stress.py",
+            *("--out", str(out), "--epochs", "1", "--images", "16", "--val-images", "4"),
+            *("--batch-size", "8", "--eval-every", "1"),
+            "data.image_size=64",
+        ),
+        timeout=600,
     )
     summary = json.loads((out / "lr_stress.json").read_text())
     assert summary["optimizer"] == "sgd" and summary["default_lr"] == pytest.approx(0.02)
@@ -60,15 +54,16 @@ def test_lr_stress_writes_three_runs_and_the_verdicts(tmp_path: Path) -> None:
     assert report.count("**PASS**") + report.count("**FAIL**") == 2, report
 
 
-def run_for_json(name: str, tmp_path: Path, *args: str) -> dict:
+def run_for_json(run_ok, name: str, tmp_path: Path, *args: str) -> dict:
     report = tmp_path / "report.json"
-    run_script(name, *args, "--json", str(report))
+    run_ok(script(name, *args, "--json", str(report)), timeout=600)
     return json.loads(report.read_text())
 
 
 @pytest.mark.slow
-def test_benchmark_train_reports_both_variants(tmp_path: Path) -> None:
+def test_benchmark_train_reports_both_variants(tmp_path: Path, run_ok) -> None:
     result = run_for_json(
+        run_ok,
         "benchmark_train.py",
         tmp_path,
         *("--steps", "1", "--warmup", "0", "--repeats", "1"),
@@ -82,8 +77,9 @@ def test_benchmark_train_reports_both_variants(tmp_path: Path) -> None:
     assert result["config"]["image_size"] == 64 and result["config"]["batch_size"] == 2
 
 
-def test_benchmark_export_measures_every_variant(tmp_path: Path) -> None:
+def test_benchmark_export_measures_every_variant(tmp_path: Path, run_ok) -> None:
     result = run_for_json(
+        run_ok,
         "benchmark_export.py",
         tmp_path,
         *("--image-size", "64", "--repeats", "1", "--warmup", "0", "--threads", "1"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -141,22 +140,13 @@ def test_override_values_read_back(value) -> None:
     assert OmegaConf.to_container(cfg, resolve=True)["probe"] == value
 
 
-def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "centerx", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
 @pytest.mark.slow
-def test_main_job_smoke(tmp_path: Path) -> None:
+def test_main_job_smoke(tmp_path: Path, run_ok) -> None:
     run = tmp_path / "run"
-    _run(["main", "experiment=fast_story", f"hydra.run.dir={run}"], timeout=300)
+    run_ok(
+        [sys.executable, "-m", "centerx", "main", "experiment=fast_story", f"hydra.run.dir={run}"],
+        300,
+    )
     for name in ("report.md", "report.json", "comparison.png", "predictions/predictions.json"):
         assert (run / name).is_file(), name
     report = json.loads((run / "report.json").read_text())
@@ -189,7 +179,7 @@ def test_main_job_smoke(tmp_path: Path) -> None:
     assert train_command.startswith("bash run.sh distill ")
     args = shlex.split(eval_command)[2:]
     args = [a for a in args if not a.startswith("hydra.run.dir=")]
-    _run([*args, f"hydra.run.dir={tmp_path / 'eval'}"], timeout=120)
+    run_ok([sys.executable, "-m", "centerx", *args, f"hydra.run.dir={tmp_path / 'eval'}"], 120)
     scored = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert scored["AP"] == pytest.approx(report["models"]["student"]["AP"], abs=1e-9)
     assert scored["per_class_AP"] == pytest.approx(report["models"]["student"]["per_class_AP"])
