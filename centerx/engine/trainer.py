@@ -201,8 +201,11 @@ class Trainer:
         buffers = [b.clone() for b in self.model.buffers()]
         terms = self.objective(self.wrapped, batch)
         loss, logs = self.weighter(terms)
-        if not dist.all_true(loss.requires_grad):
-            return None  # every term was skipped by the weighter (on some rank: all skip)
+        has_graph = loss.requires_grad
+        if self.weighter.may_skip_terms:  # only then can ranks differ: decide together
+            has_graph = dist.all_true(has_graph)
+        if not has_graph:
+            return None  # every term was skipped by the weighter
         self.optimizer.zero_grad(set_to_none=True)
         # Under DDP every rank must skip together: one rank skipping backward while the
         # others wait in its gradient all-reduce would hang them all.
