@@ -18,7 +18,8 @@ from pycocotools.cocoeval import COCOeval
 
 from centerx.data.base import DatasetError, DetectionSource, ImageReadError, read_image
 from centerx.data.coco import COCODetection
-from centerx.data.voc import VOCDetection, image_size
+from centerx.data.files import image_size
+from centerx.data.voc import VOCDetection
 from centerx.data.yolo import YOLODetection
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -61,7 +62,8 @@ def flat_voc(tmp_path: Path) -> Path:
         d / "a.xml",
         "a.jpg",
         (64, 48),
-        [("apple", 10, 10, 30, 30), ("pear", 50, 40, 90, 70), ("apple", 20, 5, 20, 25)],
+        # 1 px past the edge (VOC is 1-based): clipped; zero width: skipped and counted.
+        [("apple", 10, 10, 30, 30), ("pear", 50, 40, 65, 49), ("apple", 20, 5, 20, 25)],
     )
     write_image(d / "b.jpg", 40, 30, fmt=".png")  # PNG data behind a .jpg name
     write_xml(d / "b.xml", "b.jpg", (0, 0), [("pear", 5, 5, 35, 25)])  # size 0 in the XML
@@ -145,10 +147,12 @@ def test_voc_flat_folder_quirks(flat_voc: Path, caplog: pytest.LogCaptureFixture
     assert ds.class_names == ["apple", "pear"] and ds.category_ids == [1, 2]
     assert [ds.image_info(i).image_id for i in range(3)] == [1, 2, 3]
     a, b, c = (ds.load_annotation(i) for i in range(3))
-    # Box outside the image is clipped; the degenerate (x1 == x0) one is dropped.
+    # The box just past the edge is clipped; the degenerate (x1 == x0) one is skipped, once.
     np.testing.assert_allclose(a.boxes, [[10, 10, 30, 30], [50, 40, 64, 48]])
     assert a.labels.tolist() == [0, 1]
-    assert sum("dropped 1 degenerate" in r.message for r in caplog.records) == 1
+    skips = [r.message for r in caplog.records if "skipped" in r.message]
+    assert len(skips) == 1 and "skipped 1 of 4 boxes: 1 with zero or negative" in skips[0]
+    assert "a.xml: object 3 (apple)" in skips[0]
     # Size 0 in the XML: taken from the (PNG-behind-.jpg) image.
     info = ds.image_info(1)
     assert (info.width, info.height) == (40, 30)
@@ -312,12 +316,13 @@ def test_yolo(tmp_path: Path) -> None:
     write_image(tmp_path / "images" / "train" / "a.jpg", 100, 50)
     write_image(tmp_path / "images" / "train" / "b.jpg", 20, 20, fmt=".png")  # no label file
     (tmp_path / "labels" / "train").mkdir(parents=True)
-    (tmp_path / "labels" / "train" / "a.txt").write_text("1 0.5 0.5 0.2 0.4\n0 0.95 0.5 0.2 0.2\n")
+    # The second box ends half a pixel past the right edge: within tolerance, clipped.
+    (tmp_path / "labels" / "train" / "a.txt").write_text("1 0.5 0.5 0.2 0.4\n0 0.955 0.5 0.1 0.2\n")
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
     ds = YOLODetection(tmp_path, split="train")
     assert ds.class_names == ["cat", "dog"] and len(ds) == 2
     ann = ds.load_annotation(0)
-    np.testing.assert_allclose(ann.boxes, [[40, 15, 60, 35], [85, 20, 100, 30]], atol=1e-4)
+    np.testing.assert_allclose(ann.boxes, [[40, 15, 60, 35], [90.5, 20, 100, 30]], atol=1e-4)
     assert ann.labels.tolist() == [1, 0]
     assert len(ds.load_annotation(1).boxes) == 0 and ds.load_image(1).shape == (20, 20, 3)
     (tmp_path / "labels" / "train" / "a.txt").write_text("5 0.5 0.5 0.2 0.4\n")

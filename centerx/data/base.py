@@ -9,16 +9,15 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import cv2
 import numpy as np
 
+# One image reader for training, evaluation and deployment: the kit is the bottom layer.
+# ImageReadError is what the loader's skip-and-count path catches.
+from centerx_export.imaging import ImageReadError as ImageReadError
+from centerx_export.imaging import read_image as read_image
+
 log = logging.getLogger(__name__)
-
-
-class ImageReadError(RuntimeError):
-    """An image file is missing, empty or cannot be decoded."""
 
 
 class DatasetError(ValueError):
@@ -42,26 +41,6 @@ class Annotation:
     # Crowd regions (COCO iscrowd=1): not trained on, kept for evaluation.
     crowd_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     crowd_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
-
-
-def decode_image(data: bytes, source: str) -> np.ndarray:
-    """Decode encoded bytes to RGB uint8 HxWx3; the format is sniffed from the bytes, not the name."""
-    if not data:
-        raise ImageReadError(f"{source}: file is empty")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
-        raise ImageReadError(f"{source}: not a decodable image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8; raises ImageReadError with the path on any failure."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ImageReadError(f"{path}: {err.strerror or err}") from err
-    return decode_image(data, str(path))
 
 
 class DetectionSource(ABC):
@@ -96,6 +75,11 @@ class DetectionSource(ABC):
         """Bool [C]: which classes this image's source labels. Absent classes are true negatives
         only where this is True (partial-label data sets it False for the others)."""
         return np.ones(self.num_classes, dtype=bool)
+
+    def absent_classes(self, index: int) -> np.ndarray:
+        """Bool [C]: classes this image's source is known not to contain (declared by the user,
+        see centerx.data.partial.Relabeled): a teacher's detections of them are false."""
+        return np.zeros(self.num_classes, dtype=bool)
 
     def to_coco(self) -> dict:
         """Ground truth as a COCO dict for pycocotools (images, annotations, categories)."""
@@ -132,23 +116,3 @@ class DetectionSource(ABC):
             for cid, name in zip(self.category_ids, self.class_names, strict=True)
         ]
         return {"images": images, "annotations": annotations, "categories": categories}
-
-
-def sanitize_boxes(
-    boxes: np.ndarray, labels: np.ndarray, width: int, height: int, min_size: float = 1.0
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Clip boxes to the image and drop degenerate ones. Returns (boxes, labels, n_dropped)."""
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    labels = np.asarray(labels, np.int64).reshape(-1)
-    if len(boxes) == 0:
-        return boxes, labels, 0
-    x0y0x1y1 = boxes.copy()
-    # Annotators swap corners now and then; order them before clipping.
-    x0y0x1y1[:, [0, 2]] = np.sort(x0y0x1y1[:, [0, 2]], axis=1)
-    x0y0x1y1[:, [1, 3]] = np.sort(x0y0x1y1[:, [1, 3]], axis=1)
-    x0y0x1y1[:, [0, 2]] = x0y0x1y1[:, [0, 2]].clip(0, width)
-    x0y0x1y1[:, [1, 3]] = x0y0x1y1[:, [1, 3]].clip(0, height)
-    keep = ((x0y0x1y1[:, 2] - x0y0x1y1[:, 0]) >= min_size) & (
-        (x0y0x1y1[:, 3] - x0y0x1y1[:, 1]) >= min_size
-    )
-    return x0y0x1y1[keep], labels[keep], int((~keep).sum())

@@ -13,19 +13,21 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 from pycocotools.coco import COCO
 
-from centerx.data.base import Annotation, DatasetError, DetectionSource, ImageInfo, read_image
+from centerx.data.base import DatasetError, ImageInfo
 from centerx.data.files import (
-    DropCounter,
+    FileSource,
+    RawBoxes,
     Record,
+    RecordBuilder,
+    bad_value,
     check_class_names,
-    clean_boxes,
-    copy_annotation,
     describe_folder,
     image_size,
-    warn_missing_images,
+    is_json_int,
+    json_number,
+    whole_number,
 )
 
 log = logging.getLogger(__name__)
@@ -58,25 +60,74 @@ def _load_json(path: Path, root: Path) -> dict:
     return data
 
 
-def _validate(data: dict, path: Path) -> None:
-    """Fail at construction, naming the file, on entries pycocotools would trip over later."""
-    for kind, keys in (("images", ("id", "file_name")), ("categories", ("id", "name"))):
-        for entry in data[kind]:
-            if not isinstance(entry, dict) or any(k not in entry for k in keys):
-                raise DatasetError(f"{path}: {kind} entry without {keys}: {entry!r:.200}")
-    image_ids = {img["id"] for img in data["images"]}
-    category_ids = {cat["id"] for cat in data["categories"]}
-    for ann in data["annotations"]:
-        if not isinstance(ann, dict):
-            raise DatasetError(f"{path}: annotation is not an object: {ann!r:.200}")
-        if ann.get("image_id") not in image_ids or ann.get("category_id") not in category_ids:
+def _unique_ids(entries: list, kind: str, path: Path, required: bool = True) -> set[int]:
+    """The int ids of images, categories or annotations; pycocotools silently merges duplicates."""
+    seen: set[int] = set()
+    for n, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{path}: {kind} #{n} is not an object: {entry!r:.100}")
+        if "id" not in entry and not required:
+            continue  # hand-written annotations may omit it; _build_index assigns one
+        value = entry.get("id")
+        if not is_json_int(value):
+            raise bad_value(f"{path}: {kind} #{n} id", value, "an integer id")
+        if value in seen:
             raise DatasetError(
-                f"{path}: annotation id {ann.get('id')} refers to image {ann.get('image_id')} / "
-                f"category {ann.get('category_id')}, which the file does not define"
+                f"{path}: {kind} id {value} appears twice; ids must be unique, renumber one"
             )
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4:
-            raise DatasetError(f"{path}: annotation id {ann.get('id')} has bbox {bbox!r}")
+        seen.add(value)
+    return seen
+
+
+def _check_image(image: dict, path: Path) -> None:
+    where = f"{path}: image id {image['id']}"
+    name = image.get("file_name")
+    if not isinstance(name, str) or not name:
+        raise bad_value(f"{where} file_name", name, "a file name")
+    for key in ("width", "height"):
+        if key in image:  # absent: the image header gives the size
+            value = json_number(image[key], f"{where} {key}")
+            whole_number(value, f"{where} {key}", minimum=1)
+
+
+def _check_annotation(ann: dict, where: str, image_ids: set[int], category_ids: set[int]) -> None:
+    for key, defined in (("image_id", image_ids), ("category_id", category_ids)):
+        value = ann.get(key)
+        if not is_json_int(value):
+            raise bad_value(f"{where} {key}", value, "an integer id")
+        if value not in defined:
+            raise DatasetError(
+                f"{where} refers to {key[:-3]} {value}, which the file does not define; "
+                "add it or remove the annotation"
+            )
+    where = f"{where} (image {ann['image_id']})"
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        raise bad_value(f"{where} bbox", bbox, "[x, y, width, height]")
+    for i, value in enumerate(bbox):
+        json_number(value, f"{where} bbox[{i}]")
+    if "area" in ann and json_number(ann["area"], f"{where} area") < 0:
+        raise bad_value(f"{where} area", ann["area"], "a number >= 0")
+    if ann.get("iscrowd", 0) not in (0, 1):
+        raise bad_value(f"{where} iscrowd", ann["iscrowd"], "0 or 1")
+
+
+def _validate(data: dict, path: Path) -> None:
+    """Fail at construction, naming the file and the id, on any entry that is not what COCO
+    says (see the table in centerx.data.files); pycocotools would trip over it later or, for
+    duplicate ids and quoted numbers, silently compute something else."""
+    image_ids = _unique_ids(data["images"], "image", path)
+    category_ids = _unique_ids(data["categories"], "category", path)
+    _unique_ids(data["annotations"], "annotation", path, required=False)
+    for image in data["images"]:
+        _check_image(image, path)
+    for category in data["categories"]:
+        if "name" not in category:
+            raise DatasetError(f"{path}: category id {category['id']} has no name")
+    prefix = f"{path}: annotation"  # formatted once: COCO train has 860k annotations
+    for n, ann in enumerate(data["annotations"], 1):
+        label = f"id {ann['id']}" if "id" in ann else f"#{n} (no id)"
+        _check_annotation(ann, f"{prefix} {label}", image_ids, category_ids)
 
 
 def _build_index(data: dict, path: Path) -> COCO:
@@ -112,7 +163,7 @@ def _default_image_dir(root: Path, ann_path: Path, images: list[dict]) -> Path:
     )
 
 
-class COCODetection(DetectionSource):
+class COCODetection(FileSource):
     """A COCO instances JSON plus its image folder (paths relative to ``root`` unless absolute).
 
     With ``class_names`` only those categories are kept, in that order; others are dropped.
@@ -138,7 +189,7 @@ class COCODetection(DetectionSource):
             if not self.image_dir.is_dir():
                 raise DatasetError(f"image_dir {self.image_dir} is not a folder")
         self._select_categories(data["categories"], class_names)
-        self._records = self._build_records(data["images"])
+        self.records = self._build_records(data["images"])
 
     def _select_categories(self, categories: list[dict], class_names: list[str] | None) -> None:
         categories = sorted(categories, key=lambda c: c["id"])
@@ -158,36 +209,28 @@ class COCODetection(DetectionSource):
 
     def _build_records(self, images: list[dict]) -> list[Record]:
         index = {cid: i for i, cid in enumerate(self.category_ids)}
-        drops, missing, records = DropCounter(), [], []
+        builder = RecordBuilder(str(self.ann_file))
         for img in images:
             path = self.image_dir / img["file_name"]
-            width, height = int(img.get("width") or 0), int(img.get("height") or 0)
+            width, height = int(img.get("width", 0)), int(img.get("height", 0))
             if not path.is_file():
-                missing.append(path)
+                builder.missing_image(path)
             elif width <= 0 or height <= 0:  # only read headers when the JSON lacks the size
                 width, height = image_size(path) or (0, 0)
-            plain, crowd = self._boxes(img["id"], index)
-            boxes, labels, dropped = clean_boxes(*plain, width, height)
-            crowd_boxes, crowd_labels, _ = clean_boxes(*crowd, width, height)
-            drops.add(dropped, img["file_name"])
-            info = ImageInfo(int(img["id"]), str(img["file_name"]), width, height)
-            ann = Annotation(boxes, labels, crowd_boxes, crowd_labels)
-            records.append(Record(path, info, ann))
-        drops.report(str(self.ann_file))
-        warn_missing_images(str(self.ann_file), missing, len(images))
-        return records
+            info = ImageInfo(img["id"], img["file_name"], width, height)
+            builder.add(path, info, self._boxes(img["id"], index))
+        return builder.finish()
 
-    def _boxes(self, image_id: int, index: dict[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """[(boxes, labels), (crowd_boxes, crowd_labels)], xyxy, for the kept categories."""
-        groups: tuple[tuple[list, list], ...] = (([], []), ([], []))
+    def _boxes(self, image_id: int, index: dict[int, int]) -> RawBoxes:
+        """The image's boxes (xyxy) of the kept categories, crowd regions flagged."""
+        raw = RawBoxes()
         for ann in self.coco.imgToAnns.get(image_id, []):
-            if ann["category_id"] not in index:
-                continue  # a category left out by class_names
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            boxes, labels = groups[1 if ann.get("iscrowd", 0) else 0]
-            boxes.append((x, y, x + w, y + h))
-            labels.append(index[ann["category_id"]])
-        return [(np.array(b, np.float32).reshape(-1, 4), np.array(c, np.int64)) for b, c in groups]
+            if ann["category_id"] in index:  # else a category left out by class_names
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                where = f"annotation id {ann['id']} (image {image_id})"
+                crowd = bool(ann.get("iscrowd", 0))
+                raw.add((x, y, x + w, y + h), index[ann["category_id"]], where, crowd)
+        return raw
 
     def to_coco(self) -> dict:
         """The original JSON's ground truth for the kept categories.
@@ -206,25 +249,10 @@ class COCODetection(DetectionSource):
                 annotations.append(ann)
         images = [
             {"id": i.image_id, "file_name": i.file_name, "width": i.width, "height": i.height}
-            for i in (r.info for r in self._records)
+            for i in (r.info for r in self.records)
         ]
         categories = [
             {"id": cid, "name": name}
             for cid, name in zip(self.category_ids, self.class_names, strict=True)
         ]
         return {"images": images, "annotations": annotations, "categories": categories}
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def image_info(self, index: int) -> ImageInfo:
-        return self._records[index].info
-
-    def image_path(self, index: int) -> Path:
-        return self._records[index].path
-
-    def load_image(self, index: int) -> np.ndarray:
-        return read_image(self._records[index].path)
-
-    def load_annotation(self, index: int) -> Annotation:
-        return copy_annotation(self._records[index].annotation)

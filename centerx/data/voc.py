@@ -9,8 +9,6 @@ Two layouts are recognised from what is on disk:
 All XMLs are parsed at construction (they are small) so that a malformed file fails early
 with its name, and `load_annotation` is a cheap copy of cached arrays. Image sizes come from
 the image header (PIL reads only the header), because real XMLs say 0 or are off by a pixel.
-
-This module also holds the small helpers the other file-based loaders share.
 """
 
 from __future__ import annotations
@@ -21,29 +19,26 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from centerx.data.base import (
-    Annotation,
-    DatasetError,
-    DetectionSource,
-    ImageInfo,
-    read_image,
-)
+from centerx.data.base import DatasetError, ImageInfo
 from centerx.data.files import (
     IMAGE_EXTENSIONS,
-    DropCounter,
+    FileSource,
+    RawBoxes,
     Record,
+    RecordBuilder,
+    bad_value,
     check_class_names,
-    clean_boxes,
-    copy_annotation,
     describe_folder,
     image_size,
+    parse_number,
     unknown_class_error,
-    warn_missing_images,
+    whole_number,
 )
 
 log = logging.getLogger(__name__)
+
+_CORNERS = ("xmin", "ymin", "xmax", "ymax")
+_DIFFICULT = {"": False, "0": False, "false": False, "1": True, "true": True}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,22 +51,40 @@ class _VocObject:
     name: str
     box: tuple[float, float, float, float]
     difficult: bool
+    where: str  # "a.xml: object 3 (dog)", for the skip summary
 
 
 @dataclass
 class _VocFile:
     xml: Path
     filename: str  # <filename>, may be empty or wrong (the mask set names .txt files)
-    width: int
+    width: int  # 0: not written (the image header decides later)
     height: int
     objects: list[_VocObject]
 
 
-def _number(text: str | None, what: str, xml: Path) -> float:
-    try:
-        return float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise DatasetError(f"{xml}: {what} is {text!r}, expected a number") from None
+def _parse_size(root: ET.Element, xml: Path) -> tuple[int, int]:
+    """<size> width and height; absent, empty or 0 in real files means "ask the image"."""
+    sizes = []
+    for key in ("width", "height"):
+        text = (root.findtext(f"size/{key}") or "").strip()
+        where = f"{xml}: size/{key}"
+        sizes.append(whole_number(parse_number(text, where), where) if text else 0)
+    return sizes[0], sizes[1]
+
+
+def _parse_object(obj: ET.Element, number: int, xml: Path) -> _VocObject:
+    where = f"{xml}: object {number}"
+    name = (obj.findtext("name") or "").strip()
+    box = obj.find("bndbox")
+    if not name or box is None:
+        raise DatasetError(f"{where} has no <name> or no <bndbox>; fix or remove it")
+    where = f"{where} ({name})"
+    x0, y0, x1, y1 = (parse_number(box.findtext(k), f"{where} {k}") for k in _CORNERS)
+    difficult = (obj.findtext("difficult") or "").strip().lower()
+    if difficult not in _DIFFICULT:
+        raise bad_value(f"{where} difficult", difficult, "0 or 1")
+    return _VocObject(name, (x0, y0, x1, y1), _DIFFICULT[difficult], where)
 
 
 def _parse_voc_xml(xml: Path) -> _VocFile:
@@ -79,23 +92,8 @@ def _parse_voc_xml(xml: Path) -> _VocFile:
         root = ET.parse(xml).getroot()
     except (ET.ParseError, OSError) as err:
         raise DatasetError(f"{xml}: cannot parse annotation XML: {err}") from err
-    size = root.find("size")
-    width = height = 0
-    if size is not None:  # absent or 0 in real files: the image header decides later
-        width = int(_number(size.findtext("width") or "0", "size/width", xml))
-        height = int(_number(size.findtext("height") or "0", "size/height", xml))
-    objects = []
-    for i, obj in enumerate(root.iter("object")):
-        name = (obj.findtext("name") or "").strip()
-        box = obj.find("bndbox")
-        if not name or box is None:
-            raise DatasetError(f"{xml}: object #{i} has no <name> or no <bndbox>")
-        coords = [
-            _number(box.findtext(k), f"object #{i} {k}", xml)
-            for k in ("xmin", "ymin", "xmax", "ymax")
-        ]
-        difficult = (obj.findtext("difficult") or "0").strip().lower() in ("1", "true")
-        objects.append(_VocObject(name, (coords[0], coords[1], coords[2], coords[3]), difficult))
+    width, height = _parse_size(root, xml)
+    objects = [_parse_object(obj, n, xml) for n, obj in enumerate(root.iter("object"), 1)]
     filename = (root.findtext("filename") or "").strip().replace("\\", "/").rsplit("/", 1)[-1]
     return _VocFile(xml, filename, width, height, objects)
 
@@ -178,12 +176,13 @@ def _flat_layout(root: Path, split: str | None) -> tuple[list[Path], Path | None
     return xmls, None  # None: each image sits beside its XML
 
 
-class VOCDetection(DetectionSource):
+class VOCDetection(FileSource):
     """Pascal VOC XML annotations, standard or flat layout (see the module docstring).
 
-    Boxes are kept as written (xyxy pixels), clipped to the image; degenerate ones are dropped.
-    With ``skip_difficult`` the difficult objects are not trained on but kept as crowd
-    (ignore) regions, so a detection on them is not counted as a false positive.
+    Boxes are kept as written (xyxy pixels), clipped to the image; bad ones are skipped and
+    counted (centerx.data.files says which). With ``skip_difficult`` the difficult objects
+    are not trained on but kept as crowd (ignore) regions, so a detection on them is not
+    counted as a false positive.
     """
 
     def __init__(
@@ -211,7 +210,7 @@ class VOCDetection(DetectionSource):
             self.class_names = check_class_names(class_names)
         self.category_ids = list(range(1, len(self.class_names) + 1))
         self._check_classes(files, ignore_unknown_classes)
-        self._records = self._build_records(files, image_dir, skip_difficult)
+        self.records = self._build_records(files, image_dir, skip_difficult)
 
     def _check_classes(self, files: list[_VocFile], ignore_unknown: bool) -> None:
         known = set(self.class_names)
@@ -230,55 +229,33 @@ class VOCDetection(DetectionSource):
     ) -> list[Record]:
         index = {name: i for i, name in enumerate(self.class_names)}
         folders: dict[Path, _ImageFolder] = {}
-        drops, missing, resized = DropCounter(), [], 0
-        records = []
+        builder, resized = RecordBuilder(str(self.root)), 0
         for i, f in enumerate(files):
-            folder_path = image_dir if image_dir is not None else f.xml.parent
-            if folder_path not in folders:
-                folders[folder_path] = _ImageFolder(folder_path)
-            path = folders[folder_path].find(f.xml.stem, f.filename)
+            folder = image_dir if image_dir is not None else f.xml.parent
+            if folder not in folders:
+                folders[folder] = _ImageFolder(folder)
+            path = folders[folder].find(f.xml.stem, f.filename)
             width, height = f.width, f.height
             header = image_size(path)
             if header is None:
-                missing.append(path)
+                builder.missing_image(path)
             elif (width, height) != header:
                 # The pixels are the truth: XML sizes are 0 (fruits) or off by one (mask).
                 resized += width > 0 and height > 0
                 width, height = header
-            objects = [o for o in f.objects if o.name in index]
-            hard = np.array([skip_difficult and o.difficult for o in objects], bool)
-            boxes = np.array([o.box for o in objects], np.float32).reshape(-1, 4)
-            labels = np.array([index[o.name] for o in objects], np.int64)
-            kept, kept_labels, dropped = clean_boxes(boxes[~hard], labels[~hard], width, height)
-            crowd, crowd_labels, _ = clean_boxes(boxes[hard], labels[hard], width, height)
-            drops.add(dropped, f.xml)
-            info = ImageInfo(i + 1, self._relative(path), width, height)
-            records.append(Record(path, info, Annotation(kept, kept_labels, crowd, crowd_labels)))
-        drops.report(str(self.root))
-        warn_missing_images(str(self.root), missing, len(files))
+            raw = RawBoxes()
+            for o in f.objects:
+                if o.name in index:
+                    raw.add(o.box, index[o.name], o.where, crowd=skip_difficult and o.difficult)
+            builder.add(path, ImageInfo(i + 1, self._relative(path), width, height), raw)
         if resized:
             log.warning(
                 "%s: %d XML sizes differ from their image; using the image size", self.root, resized
             )
-        return records
+        return builder.finish()
 
     def _relative(self, path: Path) -> str:
         try:
             return path.relative_to(self.root).as_posix()
         except ValueError:
             return str(path)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def image_info(self, index: int) -> ImageInfo:
-        return self._records[index].info
-
-    def image_path(self, index: int) -> Path:
-        return self._records[index].path
-
-    def load_image(self, index: int) -> np.ndarray:
-        return read_image(self._records[index].path)
-
-    def load_annotation(self, index: int) -> Annotation:
-        return copy_annotation(self._records[index].annotation)

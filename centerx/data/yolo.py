@@ -8,22 +8,23 @@ no objects. Class names come from the argument, else ``root/classes.txt`` or ``r
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import yaml
 
-from centerx.data.base import Annotation, DatasetError, DetectionSource, ImageInfo, read_image
+from centerx.data.base import DatasetError, ImageInfo
 from centerx.data.files import (
     IMAGE_EXTENSIONS,
-    DropCounter,
+    FileSource,
+    RawBoxes,
     Record,
+    RecordBuilder,
     check_class_names,
-    clean_boxes,
-    copy_annotation,
     describe_folder,
     image_size,
-    warn_missing_images,
+    parse_number,
+    whole_number,
 )
 
 log = logging.getLogger(__name__)
@@ -58,32 +59,38 @@ def _find_dirs(root: Path, split: str | None) -> tuple[Path, Path]:
     )
 
 
-def _read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised xyxy boxes, class ids) of one label file; no file means no objects."""
+@dataclass(frozen=True)
+class _YoloBox:
+    where: str  # "labels/a.txt:3"
+    cls: int
+    box: tuple[float, float, float, float]  # normalised xyxy
+
+
+def _parse_line(parts: list[str], where: str) -> _YoloBox:
+    """One label line: ``class cx cy w h`` or ``class x1 y1 x2 y2 ...`` (a polygon)."""
+    cls = whole_number(parse_number(parts[0], f"{where} class"), f"{where} class")
+    values = [parse_number(v, f"{where} value {i}") for i, v in enumerate(parts[1:], 1)]
+    if len(values) == 4:
+        cx, cy, w, h = values
+        return _YoloBox(where, cls, (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
+    if len(values) >= 6 and len(values) % 2 == 0:
+        xs, ys = values[0::2], values[1::2]
+        return _YoloBox(where, cls, (min(xs), min(ys), max(xs), max(ys)))
+    raise DatasetError(
+        f"{where}: expected 'class cx cy w h' or 'class x1 y1 x2 y2 x3 y3 ...', "
+        f"got {' '.join(parts)!r:.80}; fix or remove the line"
+    )
+
+
+def _read_labels(path: Path) -> list[_YoloBox]:
+    """The boxes of one label file; no file means no objects."""
     if not path.is_file():
-        return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
-    boxes, classes = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        try:
-            cls, values = int(float(parts[0])), [float(v) for v in parts[1:]]
-        except ValueError:
-            raise DatasetError(f"{path}:{n}: not numbers: {line!r}") from None
-        if len(values) == 4:
-            cx, cy, w, h = values
-            boxes.append((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
-        elif len(values) >= 6 and len(values) % 2 == 0:  # polygon
-            xs, ys = values[0::2], values[1::2]
-            boxes.append((min(xs), min(ys), max(xs), max(ys)))
-        else:
-            raise DatasetError(f"{path}:{n}: expected 'class cx cy w h', got {line!r}")
-        classes.append(cls)
-    return np.array(boxes, np.float32).reshape(-1, 4), np.array(classes, np.int64)
+        return []
+    lines = enumerate(path.read_text().splitlines(), 1)
+    return [_parse_line(line.split(), f"{path}:{n}") for n, line in lines if line.strip()]
 
 
-class YOLODetection(DetectionSource):
+class YOLODetection(FileSource):
     """YOLO-format boxes; class index k in a label file is ``class_names[k]``."""
 
     def __init__(
@@ -103,50 +110,35 @@ class YOLODetection(DetectionSource):
         images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not images:
             raise DatasetError(f"no images in {image_dir}; {describe_folder(image_dir)}")
-        self._records = self._build_records(images, label_dir, ignore_unknown_classes)
+        self.records = self._build_records(images, label_dir, ignore_unknown_classes)
 
     def _build_records(self, images: list[Path], label_dir: Path, ignore: bool) -> list[Record]:
-        drops, missing, records, ignored = DropCounter(), [], [], 0
-        num_classes = len(self.class_names)
+        builder, ignored = RecordBuilder(str(self.root)), 0
         for i, path in enumerate(images):
-            label_file = label_dir / f"{path.stem}.txt"
-            boxes, labels = _read_labels(label_file)
-            unknown = (labels < 0) | (labels >= num_classes)
-            if unknown.any() and not ignore:
+            known, unknown = self._split_classes(_read_labels(label_dir / f"{path.stem}.txt"))
+            if unknown and not ignore:
                 raise DatasetError(
-                    f"{label_file}: class index {int(labels[unknown][0])} is outside "
-                    f"class_names {self.class_names}; pass ignore_unknown_classes=True to drop it"
+                    f"{unknown[0].where}: class index {unknown[0].cls} is outside class_names "
+                    f"{self.class_names}; add the class or pass ignore_unknown_classes=True"
                 )
-            ignored += int(unknown.sum())
+            ignored += len(unknown)
             size = image_size(path)
             if size is None:  # normalised boxes cannot be placed without the size
-                missing.append(path)
-                size, unknown = (0, 0), np.ones(len(labels), bool)
-            width, height = size
-            boxes = boxes[~unknown] * np.array([width, height, width, height], np.float32)
-            boxes, labels, dropped = clean_boxes(boxes, labels[~unknown], width, height)
-            drops.add(dropped, label_file)
+                builder.missing_image(path)
+            width, height = size or (0, 0)
+            raw = RawBoxes()
+            for b in known if size else []:
+                x0, y0, x1, y1 = b.box
+                raw.add((x0 * width, y0 * height, x1 * width, y1 * height), b.cls, b.where)
             info = ImageInfo(i + 1, path.relative_to(self.root).as_posix(), width, height)
-            records.append(Record(path, info, Annotation(boxes, labels)))
-        drops.report(str(self.root))
-        warn_missing_images(str(self.root), missing, len(images))
+            builder.add(path, info, raw)
         if ignored:
             log.warning(
                 "%s: ignored %d objects with class indices outside class_names", self.root, ignored
             )
-        return records
+        return builder.finish()
 
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def image_info(self, index: int) -> ImageInfo:
-        return self._records[index].info
-
-    def image_path(self, index: int) -> Path:
-        return self._records[index].path
-
-    def load_image(self, index: int) -> np.ndarray:
-        return read_image(self._records[index].path)
-
-    def load_annotation(self, index: int) -> Annotation:
-        return copy_annotation(self._records[index].annotation)
+    def _split_classes(self, boxes: list[_YoloBox]) -> tuple[list[_YoloBox], list[_YoloBox]]:
+        """(boxes of configured classes, boxes with a class index beyond class_names)."""
+        known = [b for b in boxes if b.cls < len(self.class_names)]
+        return known, [b for b in boxes if b.cls >= len(self.class_names)]
