@@ -1,7 +1,8 @@
 """Hydra entry points: each subcommand composes conf/{name}.yaml and runs one task function.
 
-Task modules are imported only when their subcommand runs, so `predict` on an
-ONNX model does not pay for importing the training code.
+SUBCOMMANDS is the one list of subcommands (run.sh and `centerx --help` read it). Task modules
+are imported only when their subcommand runs, so `predict` on an ONNX model does not pay for
+importing the training code.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ log = logging.getLogger("centerx")
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
-TASKS = {
-    "main": "centerx.engine.story:main_task",
-    "train": "centerx.engine.tasks:train_task",
+SUBCOMMANDS = {
+    "main": "centerx.recipes.main_job:main_job_task",
+    "train": "centerx.engine.training:train_task",
+    "distill": "centerx.engine.training:train_task",
     "eval": "centerx.engine.tasks:eval_task",
     "predict": "centerx.engine.tasks:predict_task",
-    "distill": "centerx.engine.distill:distill_task",
-    "export": "centerx_export.onnx_export:export_task",
+    "export": "centerx.exporter.onnx:export_task",
+    "pseudo_label": "centerx.engine.pseudo_label:pseudo_label_task",
 }
 
 
@@ -36,7 +38,7 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 def run(name: str) -> None:
     # A kill (SIGTERM) unwinds like Ctrl-C, so the trainer can say where to resume from.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    module, function = TASKS[name].split(":")
+    module, function = SUBCOMMANDS[name].split(":")
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=name)
     def entry(cfg: DictConfig) -> None:

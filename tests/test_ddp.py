@@ -29,8 +29,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from centerx.data.pipeline import TrainingDataset, build_loader, collate
 from centerx.data.synthetic import SyntheticShapes
-from centerx.engine.checkpoint import load_checkpoint, to_plain
-from centerx.engine.trainer import SupervisedObjective, Trainer
+from centerx.model.checkpoint import load_checkpoint, to_plain
+from centerx.engine.trainer import Trainer
+from centerx.objectives.supervised import SupervisedObjective
 from centerx.losses.centernet_loss import CenterNetLoss
 from centerx.losses.weighting import AdaptiveMagnitudeWeights, FixedWeights
 from centerx.model.centernet import build_model

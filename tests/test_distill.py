@@ -13,23 +13,23 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from centerx.data.pipeline import SourceUnion, TrainingDataset, build_loader, collate
+from centerx.data.partial import SourceUnion
+from centerx.data.pipeline import TrainingDataset, build_loader, collate
 from centerx.data.synthetic import SyntheticShapes
 from centerx.engine.build import build_sources, build_train_loader
-from centerx.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from centerx.engine.distill import (
-    DistillObjective,
-    Teacher,
-    TeacherSpec,
-    distill_model,
-    load_teachers,
-    specs_from_config,
-)
-from centerx.engine.tasks import train_model
+from centerx.engine.training import train_model
 from centerx.losses.centernet_loss import CenterNetLoss
 from centerx.losses.distill import heatmap_kd, masked_dense_l1, teacher_peak_weight
 from centerx.losses.focal import focal_loss
 from centerx.model.centernet import build_model
+from centerx.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from centerx.objectives.distill import (
+    DistillObjective,
+    Teacher,
+    TeacherSpec,
+    load_teachers,
+    specs_from_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -88,6 +88,14 @@ def save_teacher(
         },
     )
     return str(path)
+
+
+def distill_model(cfg, specs, train_source, val_source, out, use_ground_truth=False):
+    """`run.sh distill` with these teachers, in-process."""
+    teachers = {s.name: {"checkpoint": s.checkpoint, "classes": s.classes} for s in specs}
+    cfg.objective.teachers = teachers
+    cfg.objective.use_ground_truth = use_ground_truth
+    return train_model(cfg, train_source, val_source, out)
 
 
 def images(batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -252,7 +260,7 @@ def test_kd_is_zero_when_student_equals_teacher(tmp_path: Path, case: str) -> No
                 TeacherSpec("t1", path, {"square": "sq"}),
                 TeacherSpec("t2", path, {"triangle": "tri", "circle": "circ"}),
             ]
-    objective = DistillObjective(load_teachers(specs, CLASSES, SIZE, "cpu"), CLASSES)
+    objective = DistillObjective(load_teachers(specs, CLASSES, SIZE, "cpu"), CLASSES, heatmap_kd)
     terms = objective(student, {"image": images()})
     assert set(terms) == {"kd_heatmap", "kd_wh", "kd_offset"}
     for name, value in terms.items():
@@ -293,8 +301,8 @@ def test_uncovered_class_is_an_error_in_kd_only_mode(random_teacher: str) -> Non
         [TeacherSpec("t", random_teacher, {"circle": "circle"})], CLASSES, SIZE, "cpu"
     )
     with pytest.raises(ValueError, match=r"\['square', 'triangle'\].*KD-only"):
-        DistillObjective(teachers, CLASSES)
-    with_gt = DistillObjective(teachers, CLASSES, gt_criterion=CenterNetLoss())
+        DistillObjective(teachers, CLASSES, heatmap_kd)
+    with_gt = DistillObjective(teachers, CLASSES, heatmap_kd, gt_criterion=CenterNetLoss())
     assert with_gt.uncovered == ["square", "triangle"]
 
 
@@ -330,7 +338,7 @@ def test_bad_teacher_input_fails_before_training(
 
 
 def test_teacher_that_cannot_take_the_size_fails_clearly(random_teacher: str, monkeypatch) -> None:
-    import centerx.engine.distill as distill
+    import centerx.objectives.distill as distill
 
     real = distill.model_from_checkpoint
 
@@ -364,17 +372,18 @@ def test_specs_from_config() -> None:
     cfg = compose_cfg(
         "distill",
         [
-            "teachers.teacher_a.checkpoint=a.pt",
-            "teachers.teacher_a.classes.circle=round",
-            "+teachers.teacher_b={checkpoint: b.pt, classes: {square: square}}",
+            "objective.teachers={teacher_a: {checkpoint: a.pt, classes: {circle: round}}, "
+            "teacher_b: {checkpoint: b.pt, classes: {square: square}}}",
         ],
     )
-    assert specs_from_config(cfg.teachers) == [
+    assert specs_from_config(cfg.objective.teachers) == [
         TeacherSpec("teacher_a", "a.pt", {"circle": "round"}),
         TeacherSpec("teacher_b", "b.pt", {"square": "square"}),
     ]
-    with pytest.raises(ValueError, match=r"teachers.teacher_a.checkpoint is not set"):
-        specs_from_config(compose_cfg("distill", []).teachers)
+    with pytest.raises(ValueError, match=r"objective.teachers.t.checkpoint is not set"):
+        specs_from_config({"t": {"checkpoint": None, "classes": {"a": "a"}}})
+    with pytest.raises(ValueError, match="no teachers configured"):
+        specs_from_config(compose_cfg("distill", []).objective.teachers)
     with pytest.raises(ValueError, match="unknown keys"):
         specs_from_config({"t": {"checkpoint": "x", "classes": {"a": "a"}, "clases": {}}})
     with pytest.raises(ValueError, match="no teachers"):
@@ -391,7 +400,9 @@ def test_kd_only_never_reads_labels(random_teacher: str) -> None:
         [TeacherSpec("t", random_teacher, {c: c for c in CLASSES})], CLASSES, SIZE, "cpu"
     )
     student = build_model(model_cfg(), 3).train()
-    terms = DistillObjective(teachers, CLASSES)(student, {"image": images()})  # no labels at all
+    terms = DistillObjective(teachers, CLASSES, heatmap_kd)(
+        student, {"image": images()}
+    )  # no labels at all
     assert set(terms) == {"kd_heatmap", "kd_wh", "kd_offset"}
     assert all(v.requires_grad and torch.isfinite(v) for v in terms.values())
 
@@ -403,7 +414,7 @@ def test_kd_plus_gt_counts_negatives_only_for_labelled_classes(random_teacher: s
         [TeacherSpec("t", random_teacher, {"square": "square"})], CLASSES, SIZE, "cpu"
     )
     criterion = CenterNetLoss(ignore_unlabelled=False)
-    objective = DistillObjective(teachers, CLASSES, gt_criterion=criterion)
+    objective = DistillObjective(teachers, CLASSES, heatmap_kd, gt_criterion=criterion)
     assert criterion.ignore_unlabelled is False  # the caller's criterion is not modified
     torch.manual_seed(4)
     student = build_model(model_cfg(), 3).eval()
@@ -432,8 +443,8 @@ def test_self_distillation_teaches_and_teachers_stay_frozen(
     teacher_weights = checkpoint["ema"] or checkpoint["model"]
 
     # A fixed batch and the fresh student distill_model will build (same seed, same init).
-    batch = next(iter(build_train_loader(cfg, train_source)))
-    probe = DistillObjective(load_teachers(specs, CLASSES, SIZE, "cpu"), CLASSES)
+    batch = next(iter(build_train_loader(cfg.data, train_source, cfg.train.batch_size, cfg.seed)))
+    probe = DistillObjective(load_teachers(specs, CLASSES, SIZE, "cpu"), CLASSES, heatmap_kd)
     torch.manual_seed(cfg.seed)
     fresh = build_model(cfg.model, 3)
     initial = state_copy(fresh)
@@ -498,7 +509,7 @@ def test_kd_plus_gt_on_a_union_of_datasets(trained_teacher: str, tmp_path: Path)
 
     # A class no teacher owns and no dataset labels: refused before training.
     unlabelled = SourceUnion([views[0]])
-    with pytest.raises(ValueError, match=r"\['triangle'\].*no training image labels"):
+    with pytest.raises(ValueError, match=r"\['triangle'\].*labelled by no training image"):
         distill_model(cfg, specs, unlabelled, val, tmp_path / "refused", use_ground_truth=True)
     assert not (tmp_path / "refused" / "checkpoints").exists()
 
@@ -512,7 +523,9 @@ def test_collate_batches_work_with_the_objective(random_teacher: str) -> None:
     teachers = load_teachers(
         [TeacherSpec("t", random_teacher, {c: c for c in CLASSES})], CLASSES, SIZE, "cpu"
     )
-    terms = DistillObjective(teachers, CLASSES, CenterNetLoss())(build_model(model_cfg(), 3), batch)
+    terms = DistillObjective(teachers, CLASSES, heatmap_kd, CenterNetLoss())(
+        build_model(model_cfg(), 3), batch
+    )
     assert len(terms) == 6
 
 
@@ -528,7 +541,7 @@ def test_cli_distill_end_to_end(trained_teacher: str, tmp_path: Path) -> None:
         "-m",
         "centerx",
         "distill",
-        f"teachers.teacher_a.checkpoint={trained_teacher}",
+        f"objective.teachers={{teacher_a: {{checkpoint: '{trained_teacher}', classes: {{circle: circle}}}}}}",
         "data.class_names=[circle]",
         *[o.replace("num_images=64", "num_images=16") for o in SMALL],
         "train.epochs=1",
@@ -541,4 +554,4 @@ def test_cli_distill_end_to_end(trained_teacher: str, tmp_path: Path) -> None:
     assert (run / "eval.json").is_file() and (run / "samples.png").is_file()
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert best["class_names"] == ["circle"]
-    assert best["config"]["teachers"]["teacher_a"]["checkpoint"] == trained_teacher
+    assert best["config"]["objective"]["teachers"]["teacher_a"]["checkpoint"] == trained_teacher

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from centerx.engine.build import model_from_checkpoint
-from centerx.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from centerx.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3

@@ -22,9 +22,10 @@ from centerx.data.pipeline import TrainingDataset, build_loader
 from centerx.data.synthetic import SyntheticShapes
 from centerx.engine import checkpoint as checkpoint_module
 from centerx.engine.build import model_from_checkpoint
-from centerx.engine.checkpoint import inference_weights, load_checkpoint, save_checkpoint, to_plain
+from centerx.model.checkpoint import inference_weights, load_checkpoint, save_checkpoint, to_plain
 from centerx.engine.optim import lr_factor
-from centerx.engine.trainer import SupervisedObjective, Trainer, TrainingDiverged
+from centerx.objectives.supervised import SupervisedObjective
+from centerx.engine.trainer import Trainer, TrainingDiverged
 from centerx.losses.centernet_loss import CenterNetLoss
 from centerx.losses.weighting import FixedWeights
 

@@ -167,18 +167,23 @@ class COCODetection(FileSource):
     """A COCO instances JSON plus its image folder (paths relative to ``root`` unless absolute).
 
     With ``class_names`` only those categories are kept, in that order; others are dropped.
+    ``split="val2017"`` stands for ``ann_file="annotations/instances_val2017.json"``.
     ``self.coco`` is the pycocotools index of the original JSON, for evaluation.
     """
 
     def __init__(
         self,
         root: str | Path,
-        ann_file: str | Path,
+        ann_file: str | Path | None = None,
         image_dir: str | Path | None = None,
         class_names: list[str] | None = None,
+        split: str | None = None,
     ) -> None:
         self.root = Path(root)
-        self.ann_file = _resolve(self.root, ann_file)
+        if ann_file is None and split is None:
+            raise DatasetError(f"COCO dataset {root}: pass ann_file or split")
+        # A split names the usual file: annotations/instances_{split}.json
+        self.ann_file = _resolve(self.root, ann_file or f"annotations/instances_{split}.json")
         data = _load_json(self.ann_file, self.root)
         self.coco = _build_index(data, self.ann_file)
         self._annotations: list[dict] = data["annotations"]

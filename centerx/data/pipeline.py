@@ -95,6 +95,7 @@ class TrainingDataset(Dataset):
             "index": targets.index,
             "mask": targets.mask,
             "labeled": self.source.labeled_classes(index),
+            "absent": self.source.absent_classes(index),
         }
 
 
@@ -161,44 +162,3 @@ def build_loader(
         # the shuffle order would depend on whether the workers were just started (inexact resume).
         persistent_workers=False,
     )
-
-
-class SourceUnion(DetectionSource):
-    """Union of sources with the same class list; each image keeps its own labeled_classes."""
-
-    def __init__(self, sources: Sequence[DetectionSource]) -> None:
-        names = [list(s.class_names) for s in sources]
-        if any(n != names[0] for n in names):
-            raise ValueError(f"cannot join sources with different class lists: {names}")
-        self.sources = list(sources)
-        self.class_names = names[0]
-        self.category_ids = list(sources[0].category_ids)
-        self._offsets = np.cumsum([0] + [len(s) for s in sources])
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
-    def _locate(self, index: int) -> tuple[DetectionSource, int]:
-        part = int(np.searchsorted(self._offsets, index, side="right") - 1)
-        return self.sources[part], index - int(self._offsets[part])
-
-    def image_info(self, index: int):
-        source, local = self._locate(index)
-        info = source.image_info(local)
-        return type(info)(index + 1, info.file_name, info.width, info.height)
-
-    def load_image(self, index: int) -> np.ndarray:
-        source, local = self._locate(index)
-        return source.load_image(local)
-
-    def load_annotation(self, index: int):
-        source, local = self._locate(index)
-        return source.load_annotation(local)
-
-    def load(self, index: int):
-        source, local = self._locate(index)
-        return source.load(local)
-
-    def labeled_classes(self, index: int) -> np.ndarray:
-        source, local = self._locate(index)
-        return source.labeled_classes(local)

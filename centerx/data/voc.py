@@ -3,7 +3,8 @@
 Two layouts are recognised from what is on disk:
 
 * standard: ``root/Annotations/*.xml`` + ``root/JPEGImages/*``; a split is a list of ids in
-  ``root/ImageSets/Main/{split}.txt`` or ``root/ImageSets/{split}.txt``.
+  ``root/ImageSets/Main/{split}.txt`` or ``root/ImageSets/{split}.txt``, or a `.txt` file of ids
+  given by path (absolute, or relative to the working directory or to root).
 * flat (LabelImg style): each image sits beside its XML in ``root/{split}/`` (or ``root/``).
 
 All XMLs are parsed at construction (they are small) so that a malformed file fails early
@@ -136,6 +137,8 @@ def _standard_layout(root: Path, split: str | None) -> tuple[list[Path], Path]:
             raise DatasetError(f"no *.xml files in {ann_dir}")
         return xmls, root / "JPEGImages"
     candidates = [root / "ImageSets" / "Main" / f"{split}.txt", root / "ImageSets" / f"{split}.txt"]
+    if split.endswith(".txt"):  # a split file of one's own (e.g. one half of a dataset)
+        candidates = [Path(split), root / split]
     split_file = next((p for p in candidates if p.is_file()), None)
     if split_file is None:
         found = sorted(

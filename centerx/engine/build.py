@@ -1,4 +1,4 @@
-"""Build the pieces of a run from the composed Hydra config (all via `_target_`)."""
+"""Build the pieces of a run, each from its own sub-config (`_target_` instantiation)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from centerx.data.base import DetectionSource
 from centerx.data.pipeline import TrainingDataset, build_loader
 from centerx.engine import distributed as dist
-from centerx.engine.checkpoint import inference_weights, load_checkpoint, to_plain
 from centerx.engine.evaluate import evaluate_predictor, torch_predictor
-from centerx.model.centernet import CenterNet, build_model
+from centerx.model.checkpoint import to_plain
 
 
 def run_dir() -> Path:
@@ -29,39 +28,43 @@ def save_config(cfg: DictConfig, directory: Path) -> None:
         (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def setup_process(cfg: DictConfig) -> None:
-    """Threads, determinism and (under torchrun) the process group."""
-    if cfg.train.get("num_threads"):
-        torch.set_num_threads(int(cfg.train.num_threads))
-    dist.init_from_env(cfg.train.device)
+def setup_process(train_cfg: DictConfig) -> None:
+    """Threads and (under torchrun) the process group."""
+    if train_cfg.get("num_threads"):
+        torch.set_num_threads(int(train_cfg.num_threads))
+    dist.init_from_env(train_cfg.device)
 
 
 def build_sources(data_cfg: DictConfig) -> tuple[DetectionSource, DetectionSource]:
-    """Train and val sources; val inherits the class list train discovered or was given."""
+    """Train and val sources; val takes the class list train discovered or was given."""
     train = instantiate(data_cfg.train)
-    val = instantiate(data_cfg.val, class_names=list(train.class_names))
-    return train, val
+    return train, build_eval_source(data_cfg, "val", list(train.class_names))
+
+
+def build_eval_source(data_cfg: DictConfig, split: str, class_names: list[str]) -> DetectionSource:
+    """The `val` or `test` source of a data config (`test` falls back to `val`)."""
+    node = data_cfg.get(split) if split == "test" else None
+    return instantiate(node if node is not None else data_cfg.val, class_names=class_names)
 
 
 def build_train_loader(
-    cfg: DictConfig, source: DetectionSource, augment: bool = True
+    data_cfg: DictConfig, source: DetectionSource, batch_size: int, seed: int
 ) -> torch.utils.data.DataLoader:
-    data = cfg.data
     dataset = TrainingDataset(
         source,
-        data.image_size,
-        augment=instantiate(data.augment) if augment else None,
-        max_objects=data.max_objects,
-        min_overlap=data.min_overlap,
-        seed=cfg.seed,
+        data_cfg.image_size,
+        augment=instantiate(data_cfg.augment),
+        max_objects=data_cfg.max_objects,
+        min_overlap=data_cfg.min_overlap,
+        seed=seed,
     )
-    per_rank = max(1, cfg.train.batch_size // dist.world_size())
+    per_rank = max(1, batch_size // dist.world_size())
     return build_loader(
         dataset,
         per_rank,
         shuffle=True,
-        num_workers=data.num_workers,
-        seed=cfg.seed,
+        num_workers=data_cfg.num_workers,
+        seed=seed,
         distributed=dist.is_distributed(),
         drop_last=len(dataset) > per_rank,
     )
@@ -79,29 +82,21 @@ def checkpoint_meta(cfg: DictConfig, class_names: list[str]) -> dict[str, Any]:
     )
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[CenterNet, dict]:
-    """Rebuild a model (architecture and classes from the checkpoint) with its weights, in eval mode."""
-    state = load_checkpoint(path)
-    model = build_model(state["model_config"], len(state["class_names"]), pretrained=False)
-    model.load_state_dict(inference_weights(state))
-    return model.eval(), state
-
-
-def make_evaluator(cfg: DictConfig, source: DetectionSource):
+def make_evaluator(source: DetectionSource, image_size: int, eval_cfg: DictConfig, progress: bool):
     """A callable model -> COCO metrics on `source`, as the trainer's periodic evaluation."""
     ground_truth = source.to_coco()
 
     def evaluate(model: torch.nn.Module) -> dict:
         was_training = model.training
         model.eval()
-        predictor = torch_predictor(model, k=cfg.eval.top_k, flip=cfg.eval.flip)
+        predictor = torch_predictor(model, k=eval_cfg.top_k, flip=eval_cfg.flip)
         metrics = evaluate_predictor(
             predictor,
             source,
-            cfg.data.image_size,
-            batch_size=cfg.eval.batch_size,
+            image_size,
+            batch_size=eval_cfg.batch_size,
             ground_truth=ground_truth,
-            progress=cfg.train.progress,
+            progress=progress,
         )
         model.train(was_training)
         return metrics

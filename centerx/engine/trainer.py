@@ -22,10 +22,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from centerx.engine import distributed as dist
-from centerx.engine.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from centerx.engine.ema import ModelEMA
 from centerx.engine.optim import build_optimizer, build_scheduler
-from centerx.losses.centernet_loss import CenterNetLoss
+from centerx.model.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from centerx.objectives import Objective
 from centerx.utils.metrics_log import MetricsLog
 from centerx.utils.visualize import plot_curves
 
@@ -36,28 +36,12 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-class Objective(Protocol):
-    def __call__(
-        self, model: nn.Module, batch: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]: ...
-
-
 class Weighter(Protocol):
     may_skip_terms: bool  # whether a term can drop out of the graph in some steps
 
     def __call__(self, terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-
-
-class SupervisedObjective:
-    """Ground-truth CenterNet loss on the model's outputs."""
-
-    def __init__(self, loss: CenterNetLoss) -> None:
-        self.loss = loss
-
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.loss(model(batch["image"]), batch)
 
 
 def seed_everything(seed: int) -> None:

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from centerx.model.centernet import CenterNet, build_model
+
 FORMAT_VERSION = 1
 
 
@@ -86,3 +88,51 @@ def check_compatible(
             f"{path} has {len(theirs_classes)} classes {theirs_classes}, "
             f"but this run has {len(class_names)} classes {list(class_names)}"
         )
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[CenterNet, dict]:
+    """Rebuild a model (architecture and classes from the checkpoint) with its weights, in eval mode."""
+    state = load_checkpoint(path)
+    model = build_model(state["model_config"], len(state["class_names"]), pretrained=False)
+    model.load_state_dict(inference_weights(state))
+    return model.eval(), state
+
+
+HEATMAP_OUT = ("heads.heatmap.2.weight", "heads.heatmap.2.bias")  # the per-class output layer
+
+
+def init_from_checkpoint(model: CenterNet, class_names: list[str], path: str | Path) -> dict:
+    """Fine-tuning start: copy a centerx checkpoint's weights into `model` wherever they fit.
+
+    Backbone and neck must match (else CheckpointError); head layers are copied when their
+    shapes agree; the heatmap output channels are matched by class name, so a 3-class fruits
+    model seeds the fruit channels of a 5-class model and the new classes keep their prior
+    initialisation. Returns what was loaded, for the log line.
+    """
+    state = load_checkpoint(path)
+    theirs = inference_weights(state)
+    their_classes = [str(name) for name in state.get("class_names", [])]
+    own = model.state_dict()
+    body = [k for k in own if not k.startswith("heads.")]
+    unfit = [k for k in body if k not in theirs or theirs[k].shape != own[k].shape]
+    if unfit:
+        raise CheckpointError(
+            f"model.init_from={path}: its backbone/neck ({state['model_config'].get('backbone')}) "
+            f"does not fit this model's; {len(unfit)} tensors differ, e.g. {unfit[0]}"
+        )
+    shared = [name for name in class_names if name in their_classes]
+    with torch.no_grad():
+        for key, value in own.items():
+            if key in HEATMAP_OUT:
+                for name in shared:
+                    value[class_names.index(name)] = theirs[key][their_classes.index(name)]
+            elif key in theirs and theirs[key].shape == value.shape:
+                value.copy_(theirs[key])
+    model.load_state_dict(own)
+    skipped = [k for k in own if k.startswith("heads.") and k not in HEATMAP_OUT]
+    skipped = [k for k in skipped if k not in theirs or theirs[k].shape != own[k].shape]
+    return {
+        "classes_loaded": shared,
+        "classes_new": [name for name in class_names if name not in shared],
+        "head_layers_skipped": skipped,
+    }

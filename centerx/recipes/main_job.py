@@ -1,0 +1,292 @@
+"""The main job (`bash run.sh`, conf/main.yaml): distillation on partial labels, end to end.
+
+The data is a union of parts that label different classes (conf/data/union.yaml; the default,
+conf/data/synthetic_views.yaml, is two synthetic parts: one labels circles, the other triangles,
+and each holds unlabelled objects of the other class). The job runs these stages, each the very
+configuration that `bash run.sh train|distill|pseudo_label <overrides>` composes (report.md
+prints the commands):
+
+1. a teacher per part (or per class group, `main_job.teachers`), trained on the parts that label
+   its classes, on those classes only;
+2. `student`: KD only from every teacher on the union of the training images (no label read);
+3. `student_gt`: KD + each image's own labels (negatives only for the classes its part labels);
+4. baselines with the students' budget and model: `naive_merge` (partial labels as they are),
+   `ignore_unlabelled` (no focal negatives for unlabelled classes) and `pseudo_label` (each
+   teacher's detections, from `run.sh pseudo_label`, as boxes where a part leaves its classes
+   unlabelled);
+5. every model scored on the held-out set (`run.sh eval checkpoint=... split=test`), per class;
+6. report.md / report.json / comparison.png, the student exported to ONNX, a few predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from centerx.data.base import DatasetError, DetectionSource
+from centerx.data.partial import SourceUnion
+from centerx.engine.build import (
+    build_eval_source,
+    build_sources,
+    run_dir,
+    save_config,
+    setup_process,
+)
+from centerx.engine.evaluate import evaluate_predictor, format_table, torch_predictor
+from centerx.engine.pseudo_label import pseudo_label
+from centerx.engine.training import train_model
+from centerx.model.checkpoint import model_from_checkpoint
+from centerx.recipes import report
+from centerx.recipes.overrides import command, override, override_key
+
+log = logging.getLogger(__name__)
+
+STUDENTS = ("student", "student_gt")
+BASELINES = ("naive_merge", "ignore_unlabelled", "pseudo_label")
+GROUPS = ("data", "model", "train", "loss", "objective")
+# Roots of the keys a pseudo_label command accepts (its config has no model/train/loss).
+PSEUDO_LABEL_KEYS = ("data", "seed", "eval", "experiment")
+
+
+@dataclass
+class Stage:
+    """One model of the job: `bash run.sh {task} {base overrides} {overrides}`."""
+
+    name: str
+    task: str  # train | distill
+    title: str
+    overrides: list[str]
+    cfg: DictConfig | None = field(default=None, repr=False)
+
+    def checkpoint(self, out_dir: Path) -> Path:
+        return out_dir / self.name / "checkpoints" / "best.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: the main job's own command line, turned into each stage's
+# ---------------------------------------------------------------------------------------------
+
+
+def base_overrides() -> list[str]:
+    """The main job's command line as train/distill overrides: the group choices conf/main.yaml
+    makes that conf/train.yaml does not, then the user's overrides (main_job.* and hydra.* are
+    the job's own)."""
+    runtime = HydraConfig.get().runtime.choices
+    defaults = compose(config_name="train", return_hydra_config=True).hydra.runtime.choices
+    user = [
+        item
+        for item in HydraConfig.get().overrides.task
+        if not override_key(item).startswith(("main_job", "hydra"))
+    ]
+    given = {override_key(item) for item in user}
+    choices = [
+        f"{group}={runtime[group]}"
+        for group in GROUPS
+        if runtime.get(group) != defaults.get(group) and group not in given
+    ]
+    return choices + user
+
+
+def teacher_groups(cfg: DictConfig, union: SourceUnion) -> dict[str, dict[str, list[str]]]:
+    """teacher name -> {classes it owns, parts it trains on}. Default: one per part that labels
+    something; `main_job.teachers: {name: [classes]}` groups classes instead."""
+    labelled = {
+        name: list(part.classes) for name, part in zip(union.names, union.parts, strict=True)
+    }
+    order = list(union.class_names)
+    groups = cfg.main_job.get("teachers")
+    if groups is None:
+        groups = {f"teacher_{name}": classes for name, classes in labelled.items() if classes}
+    plan = {}
+    for name, classes in groups.items():
+        classes = sorted((str(c) for c in classes), key=order.index)
+        parts = [part for part, got in labelled.items() if set(classes) & set(got)]
+        if not parts:
+            raise DatasetError(f"main_job.teachers.{name}: no part labels any of {classes}")
+        plan[str(name)] = {"classes": classes, "parts": parts}
+    owners = [c for group in plan.values() for c in group["classes"]]
+    orphans = [c for c in order if c not in owners]
+    if orphans or len(owners) != len(set(owners)):
+        raise DatasetError(
+            f"every class needs exactly one teacher; teachers own {plan}, classes {order}"
+        )
+    return plan
+
+
+def plan_stages(cfg: DictConfig, teachers: Mapping[str, Mapping], out_dir: Path) -> list[Stage]:
+    """Teachers, the two students and the three baselines, as overrides."""
+    job = cfg.main_job
+    union_epochs = override("train.epochs", int(job.epochs.union))
+    stages = [
+        Stage(
+            name,
+            "train",
+            f"{', '.join(t['classes'])} only, on part(s) {', '.join(t['parts'])}",
+            [
+                override("data.use_parts", t["parts"]),
+                override("data.class_names", t["classes"]),
+                override("train.epochs", int(job.epochs.teacher)),
+                f"loss={job.loss.teacher}",
+            ],
+        )
+        for name, t in teachers.items()
+    ]
+    taught = {
+        name: {"checkpoint": str(out_dir / name / "checkpoints" / "best.pt"),
+               "classes": {c: c for c in t["classes"]}}
+        for name, t in teachers.items()
+    }  # fmt: skip
+    for name, with_labels, title in (
+        ("student", False, "KD only from every teacher (reads no label)"),
+        ("student_gt", True, "KD from every teacher + each image's own labels"),
+    ):
+        overrides = [override("objective.teachers", taught), f"loss={job.loss.student}"]
+        overrides += [override("objective.use_ground_truth", with_labels), union_epochs]
+        stages.append(Stage(name, "distill", title, overrides))
+    baseline = [f"loss={job.loss.baseline}", union_epochs]
+    stages += [
+        Stage("naive_merge", "train", "naive merge: partial labels as they are",
+              [*baseline, override("loss.criterion.ignore_unlabelled", False)]),
+        Stage("ignore_unlabelled", "train", "ignore unlabelled: no negatives for unlabelled classes",
+              [*baseline, override("loss.criterion.ignore_unlabelled", True)]),
+        Stage("pseudo_label", "train", "pseudo-labels: teacher detections fill unlabelled classes",
+              [*baseline, override("loss.criterion.ignore_unlabelled", False),
+               override("data.pseudo_labels", [str(pseudo_label_file(out_dir, t)) for t in teachers])]),
+    ]  # fmt: skip
+    return stages
+
+
+def pseudo_label_file(out_dir: Path, teacher: str) -> Path:
+    return out_dir / "pseudo_labels" / f"{teacher}.json"
+
+
+def pseudo_label_overrides(
+    base: Sequence[str], out_dir: Path, teacher: str, threshold: float
+) -> list[str]:
+    """`run.sh pseudo_label` for one teacher on the union's training images."""
+    data_only = [o for o in base if override_key(o).split(".")[0] in PSEUDO_LABEL_KEYS]
+    return [
+        *data_only,
+        override("checkpoint", str(out_dir / teacher / "checkpoints" / "best.pt")),
+        override("threshold", float(threshold)),
+        override("out", str(pseudo_label_file(out_dir, teacher))),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and scoring
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_done(stage: Stage, stage_dir: Path) -> bool:
+    config = stage_dir / "config.yaml"
+    return (
+        stage.checkpoint(stage_dir.parent).is_file()
+        and config.is_file()
+        and config.read_text() == OmegaConf.to_yaml(stage.cfg, resolve=True)
+    )
+
+
+def run_stage(stage: Stage, out_dir: Path, reuse: bool) -> float:
+    """Train one stage into out_dir/<name> (checkpoints, metrics.jsonl, curves.png); seconds."""
+    stage_dir = out_dir / stage.name
+    if reuse and stage_done(stage, stage_dir):
+        log.info("[main] %s: reusing %s", stage.name, stage.checkpoint(out_dir))
+        return 0.0
+    started = time.time()
+    (stage_dir / "metrics.jsonl").unlink(missing_ok=True)  # a rerun starts a fresh log
+    save_config(stage.cfg, stage_dir)
+    train_source, val_source = build_sources(stage.cfg.data)
+    train_model(stage.cfg, train_source, val_source, stage_dir)
+    return time.time() - started
+
+
+def score(checkpoint: Path, eval_cfg: DictConfig) -> dict:
+    """`run.sh eval checkpoint=... split=test`: the model on its data config's held-out set."""
+    model, state = model_from_checkpoint(checkpoint)
+    data_cfg = OmegaConf.create(state["config"]["data"])
+    source = build_eval_source(data_cfg, "test", [str(n) for n in state["class_names"]])
+    predictor = torch_predictor(model, k=int(eval_cfg.top_k), flip=bool(eval_cfg.flip))
+    return evaluate_predictor(
+        predictor,
+        source,
+        int(state["image_size"]),
+        batch_size=int(eval_cfg.batch_size),
+        progress=False,
+    )
+
+
+def make_pseudo_labels(
+    cfg: DictConfig, base: list[str], teachers: Mapping, out_dir: Path
+) -> list[str]:
+    """Each teacher labels the union's training images (run.sh pseudo_label); the commands."""
+    commands = []
+    for teacher in teachers:
+        overrides = pseudo_label_overrides(
+            base, out_dir, teacher, cfg.main_job.pseudo_label_threshold
+        )
+        step = compose(config_name="pseudo_label", overrides=overrides)
+        source = build_sources(step.data)[0]
+        labels = pseudo_label(
+            source, step.checkpoint, float(step.threshold), None, step.eval.batch_size
+        )
+        path = pseudo_label_file(out_dir, teacher)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(labels))
+        log.info(
+            "[main] %s pseudo-labels: %d boxes -> %s", teacher, len(labels["annotations"]), path
+        )
+        commands.append(command("pseudo_label", overrides, out_dir / "repro" / f"pseudo_{teacher}"))
+    return commands
+
+
+def training_union(cfg: DictConfig) -> SourceUnion:
+    source: DetectionSource = build_sources(cfg.data)[0]
+    if not isinstance(source, SourceUnion):
+        raise DatasetError(
+            "the main job needs a union of parts that label different classes: data=union "
+            "(see conf/data/union.yaml) or data=synthetic_views"
+        )
+    return source
+
+
+def main_job_task(cfg: DictConfig) -> dict:
+    started = time.time()
+    setup_process(cfg.train)
+    out_dir = run_dir()
+    save_config(cfg, out_dir)
+    teachers = teacher_groups(cfg, training_union(cfg))
+    base = base_overrides()
+    stages = plan_stages(cfg, teachers, out_dir)
+    results, timings, extra_commands = {}, {}, []
+    for number, stage in enumerate(stages, 1):
+        if stage.name == "pseudo_label":
+            extra_commands = make_pseudo_labels(cfg, base, teachers, out_dir)
+        stage.cfg = compose(config_name=stage.task, overrides=base + stage.overrides)
+        print(f"[main] stage {number}/{len(stages)}: {stage.title}", flush=True)
+        timings[stage.name] = run_stage(stage, out_dir, bool(cfg.main_job.reuse))
+        results[stage.name] = score(stage.checkpoint(out_dir), cfg.eval)
+        (out_dir / stage.name / "heldout_eval.json").write_text(
+            json.dumps(results[stage.name], indent=1)
+        )
+        print(
+            format_table(results[stage.name], title=f"{stage.name} on the held-out set"), flush=True
+        )
+    context = report.ReportContext(
+        cfg=cfg, out_dir=out_dir, stages=stages, base=base, teachers=teachers,
+        results=results, timings=timings, pseudo_label_commands=extra_commands, started=started,
+    )  # fmt: skip
+    summary = report.write_all(context)
+    return {
+        "student_criteria": summary["student_criteria"],
+        "wall_time_s": round(time.time() - started, 1),
+        "run_dir": str(out_dir),
+    }

@@ -1,0 +1,337 @@
+"""The main job's report: criteria, tables, report.md (from a template), report.json,
+comparison.png, the student's ONNX export and a few held-out predictions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import string
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf
+
+from centerx.data.base import DetectionSource
+from centerx.engine.build import build_eval_source
+from centerx.engine.evaluate import torch_predictor
+from centerx.engine.predict import predict_image
+from centerx.model.checkpoint import model_from_checkpoint
+from centerx.recipes.overrides import command, override
+from centerx.utils.visualize import draw_detections, image_grid, save_rgb
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = Path(__file__).with_name("templates") / "main_job_report.md"
+CELL = 256  # comparison.png tile size
+
+
+@dataclass
+class ReportContext:
+    cfg: DictConfig
+    out_dir: Path
+    stages: list  # main_job.Stage, in run order
+    base: list[str]
+    teachers: dict[str, dict[str, list[str]]]  # name -> {classes, parts}
+    results: dict[str, dict]  # stage name -> held-out metrics
+    timings: dict[str, float]
+    pseudo_label_commands: list[str]
+    started: float
+
+    @property
+    def owner(self) -> dict[str, str]:
+        return {c: name for name, t in self.teachers.items() for c in t["classes"]}
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.results["student"]["per_class_AP"])
+
+
+def _number(value: Any) -> float:
+    return 0.0 if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Criteria
+# ---------------------------------------------------------------------------------------------
+
+
+def summarise(
+    results: Mapping[str, dict],
+    owner: Mapping[str, str],
+    baselines: Sequence[str],
+    criteria: Mapping,
+) -> dict:
+    """Per class: each student against its owner teacher and against every baseline."""
+    metric = f"per_class_{criteria['metric']}"
+    per_class = {}
+    for name, teacher in owner.items():
+        value = lambda model, n=name: _number(results[model][metric].get(n))  # noqa: E731
+        others = {b: value(b) for b in baselines}
+        entry = {"owner": teacher, "teacher": value(teacher), "baselines": others}
+        entry["best_baseline"] = max(others, key=others.get)
+        for student in ("student", "student_gt"):
+            got = value(student)
+            entry[student] = {
+                "value": got,
+                "ratio": got / entry["teacher"] if entry["teacher"] > 0 else None,
+                "keeps": got >= criteria["student_ratio"] * entry["teacher"],
+                "beats_baselines": all(got > v for v in others.values()),
+            }
+        entry["naive_visibly_worse"] = others["naive_merge"] <= criteria["naive_margin"] * value(
+            "student"
+        )
+        per_class[name] = entry
+    return {
+        "metric": criteria["metric"],
+        "per_class": per_class,
+        "student_criteria": all(
+            c["student"]["keeps"] and c["student"]["beats_baselines"] for c in per_class.values()
+        ),
+        "naive_visibly_worse": all(c["naive_visibly_worse"] for c in per_class.values()),
+    }
+
+
+def results_table(
+    results: Mapping[str, dict], models: Sequence[str], class_names: Sequence[str]
+) -> str:
+    head = ["model", "AP", "AP50"] + [f"{n} {m}" for n in class_names for m in ("AP", "AP50")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model in models:
+        m = results[model]
+        row = [model, _fmt(m["AP"]), _fmt(m["AP50"])]
+        for name in class_names:
+            known = name in m["per_class_AP"]
+            row += (
+                [_fmt(m["per_class_AP"][name]), _fmt(m["per_class_AP50"][name])]
+                if known
+                else ["-", "-"]
+            )
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def criteria_table(summary: dict) -> str:
+    ok = lambda flag: "PASS" if flag else "FAIL"  # noqa: E731
+    lines = [
+        "| class | owner | owner | student (KD only) | ratio | keeps | beats every baseline | "
+        "student_gt (KD + labels) | ratio | best baseline | naive visibly worse |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in summary["per_class"].items():
+        s, g = c["student"], c["student_gt"]
+        best = c["best_baseline"]
+        lines.append(
+            f"| {name} | {c['owner']} | {c['teacher']:.3f} | {s['value']:.3f} | {_fmt(s['ratio'])} "
+            f"| {ok(s['keeps'])} | {ok(s['beats_baselines'])} | {g['value']:.3f} | {_fmt(g['ratio'])} "
+            f"| {best} ({c['baselines'][best]:.3f}) | {ok(c['naive_visibly_worse'])} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures, export, predictions
+# ---------------------------------------------------------------------------------------------
+
+
+def _predictor(checkpoint: Path, eval_cfg: DictConfig):
+    model, state = model_from_checkpoint(checkpoint)
+    predictor = torch_predictor(model, k=int(eval_cfg.top_k), flip=bool(eval_cfg.flip))
+    return predictor, [str(n) for n in state["class_names"]], int(state["image_size"])
+
+
+def _row(image, ann, test: DetectionSource, predictors: Mapping, threshold: float) -> list:
+    """Ground truth, then each model's detections, on one enlarged image (legible labels)."""
+    scale = CELL / max(image.shape[:2])
+    big = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+    names = test.class_names
+    row = [draw_detections(big, ann.boxes * scale, np.ones(len(ann.labels)), ann.labels, names,
+                           title="ground truth")]  # fmt: skip
+    for title, (predictor, classes, size) in predictors.items():
+        boxes, scores, labels = predict_image(predictor, image, size, threshold)
+        to_test = np.array([names.index(n) for n in classes])  # one colour per class everywhere
+        row.append(draw_detections(big, boxes * scale, scores, to_test[np.asarray(labels, np.int64)],
+                                   names, title=title))  # fmt: skip
+    return row
+
+
+def comparison_grid(ctx: ReportContext, test: DetectionSource, columns: Sequence[str]) -> Path:
+    """Rows: held-out images; columns: ground truth, then each model's detections."""
+    job = ctx.cfg.main_job
+    predictors = {
+        name: _predictor(ctx.out_dir / name / "checkpoints" / "best.pt", ctx.cfg.eval)
+        for name in columns
+    }
+    count = min(int(job.compare_images), len(test))
+    rows = [_row(*test.load(i), test, predictors, float(job.score_threshold)) for i in range(count)]
+    path = ctx.out_dir / "comparison.png"
+    save_rgb(path, image_grid(rows, cell=CELL))
+    return path
+
+
+def export_student(ctx: ReportContext) -> tuple[Path | None, str]:
+    """`run.sh export` on the student (in-process); (model.onnx or None, the command)."""
+    from centerx.exporter.onnx import export_task
+
+    out = ctx.out_dir / "student"
+    overrides = [
+        override("checkpoint", str(out / "checkpoints" / "best.pt")),
+        override("out_dir", str(out)),
+    ]
+    export_task(compose(config_name="export", overrides=overrides))
+    path = out / "model.onnx"
+    return (path if path.is_file() else None), command("export", overrides)
+
+
+def predict_heldout(ctx: ReportContext, test: DetectionSource, model_path: Path) -> str:
+    """Write a few held-out images as PNG files and `run.sh predict` them; the command."""
+    from centerx.engine.tasks import predict_task
+
+    image_dir = ctx.out_dir / "heldout_images"
+    for index in range(min(int(ctx.cfg.main_job.predict_images), len(test))):
+        name = Path(test.image_info(index).file_name).name
+        save_rgb(image_dir / Path(name).with_suffix(".png"), test.load_image(index))
+    overrides = [override("checkpoint", str(model_path)), override("input", str(image_dir)),
+                 override("out_dir", str(ctx.out_dir / "predictions")),
+                 override("score_threshold", float(ctx.cfg.main_job.score_threshold))]  # fmt: skip
+    predict_task(compose(config_name="predict", overrides=overrides))
+    return command("predict", overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# report.md, report.json
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_commands(ctx: ReportContext) -> dict[str, list[str]]:
+    """Per model: the command that trains it as the job did, and the one that scores it."""
+    repro = ctx.out_dir / "repro"
+    return {
+        s.name: [
+            command(s.task, ctx.base + s.overrides, repro / s.name),
+            command("eval", [override("checkpoint", str(s.checkpoint(ctx.out_dir))), "split=test"],
+                    repro / f"{s.name}_eval"),
+        ]
+        for s in ctx.stages
+    }  # fmt: skip
+
+
+def report_json(ctx: ReportContext, summary: dict, commands: Mapping, extras: Mapping) -> dict:
+    models = {
+        name: {
+            "AP": _number(m["AP"]),
+            "AP50": _number(m["AP50"]),
+            "per_class_AP": {k: _number(v) for k, v in m["per_class_AP"].items()},
+            "per_class_AP50": {k: _number(v) for k, v in m["per_class_AP50"].items()},
+            "checkpoint": str(ctx.out_dir / name / "checkpoints" / "best.pt"),
+            "commands": list(commands[name]),
+            "train_seconds": round(ctx.timings.get(name, 0.0), 1),
+        }
+        for name, m in ctx.results.items()
+    }
+    return {
+        "models": models,
+        "class_owner": ctx.owner,
+        "teachers": ctx.teachers,
+        "criteria": summary,
+        "seed": int(ctx.cfg.seed),
+        "wall_time_s": round(extras["wall_time_s"], 1),
+        "export": extras["export"],
+        "pseudo_label_commands": ctx.pseudo_label_commands,
+    }
+
+
+def render_markdown(ctx: ReportContext, summary: dict, commands: Mapping, extras: Mapping) -> str:
+    cfg, job = ctx.cfg, ctx.cfg.main_job
+    repro = []
+    for stage in ctx.stages:
+        repro += [
+            f"### {stage.name}: {stage.title}",
+            "",
+            "```bash",
+            *commands[stage.name],
+            "```",
+            "",
+        ]
+    values = {
+        "out_dir": ctx.out_dir,
+        "wall_time": f"{extras['wall_time_s']:.0f}",
+        "machine": f"{cfg.train.device}, {extras['threads']} torch thread(s), {extras['cpus']} CPUs, "
+        f"load average {extras['load']:.1f} at the end",
+        "data": f"`{extras['data_choice']}`, classes {ctx.class_names}",
+        "teachers": "\n".join(
+            f"- `{name}` owns {t['classes']}, trained on part(s) {t['parts']}"
+            for name, t in ctx.teachers.items()
+        ),
+        "model": f"`{cfg.model.backbone}`, {cfg.data.image_size} px",
+        "optimiser": f"`{cfg.train.optimizer._target_}` lr {cfg.train.lr}, {cfg.train.schedule}, "
+        f"batch {cfg.train.batch_size}, seed {cfg.seed}",
+        "teacher_epochs": int(job.epochs.teacher),
+        "union_epochs": int(job.epochs.union),
+        "losses": f"teachers `{job.loss.teacher}`, students `{job.loss.student}`, baselines `{job.loss.baseline}`",
+        "threshold": float(job.pseudo_label_threshold),
+        "results": results_table(ctx.results, list(ctx.results), ctx.class_names),
+        "metric": summary["metric"],
+        "ratio": f"{float(job.criteria.student_ratio):.0%}",
+        "margin": f"{float(job.criteria.naive_margin):.0%}",
+        "criteria": criteria_table(summary),
+        "student_verdict": "PASS" if summary["student_criteria"] else "FAIL",
+        "naive_verdict": "PASS" if summary["naive_visibly_worse"] else "FAIL",
+        "timings": "\n".join(
+            f"| {name} | {seconds:.0f} |" for name, seconds in ctx.timings.items()
+        ),
+        "columns": ", ".join(extras["comparison_columns"]),
+        "export": extras["export_line"],
+        "predictions": extras["predictions_line"],
+        "main_command": command("main", [*ctx.base, f"hydra.run.dir={ctx.out_dir}"]),
+        "pseudo_label_commands": "\n".join(ctx.pseudo_label_commands),
+        "repro": "\n".join(repro),
+    }
+    return string.Template(TEMPLATE.read_text()).substitute(values)
+
+
+def write_all(ctx: ReportContext) -> dict:
+    """Everything after training: criteria, pictures, export, predictions, report files."""
+    job = ctx.cfg.main_job
+    summary = summarise(ctx.results, ctx.owner, ("naive_merge", "ignore_unlabelled", "pseudo_label"),
+                        OmegaConf.to_container(job.criteria))  # fmt: skip
+    student = ctx.out_dir / "student" / "checkpoints" / "best.pt"
+    state_cfg = OmegaConf.create(model_from_checkpoint(student)[1]["config"]["data"])
+    test = build_eval_source(state_cfg, "test", ctx.class_names)
+    columns = [*ctx.teachers, "student", "naive_merge"]
+    comparison_grid(ctx, test, columns)
+    onnx_path, export_command = export_student(ctx)
+    predict_command = predict_heldout(ctx, test, onnx_path or student)
+    commands = stage_commands(ctx)
+    extras = {
+        "wall_time_s": time.time() - ctx.started,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load": os.getloadavg()[0],
+        "data_choice": next((o for o in ctx.base if o.startswith("data=")), "data=synthetic"),
+        "comparison_columns": columns,
+        "export": None if onnx_path is None else str(onnx_path),
+        "export_line": f"`{onnx_path}` (`{export_command}`; parity with PyTorch in student/export.json)"
+        if onnx_path else "not exported",
+        "predictions_line": f"`predictions/`: held-out images from `heldout_images/` (`{predict_command}`)",
+    }  # fmt: skip
+    (ctx.out_dir / "report.json").write_text(
+        json.dumps(report_json(ctx, summary, commands, extras), indent=1)
+    )
+    (ctx.out_dir / "report.md").write_text(render_markdown(ctx, summary, commands, extras))
+    print("\n" + results_table(ctx.results, list(ctx.results), ctx.class_names), flush=True)
+    print("\n" + criteria_table(summary), flush=True)
+    print(f"[main] report: {ctx.out_dir / 'report.md'} ({extras['wall_time_s']:.0f} s)", flush=True)
+    return summary

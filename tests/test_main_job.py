@@ -1,0 +1,122 @@
+"""The main job (centerx/recipes/main_job.py): planning, criteria, and a shrunk end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from centerx.data.base import DatasetError
+from centerx.data.partial import Relabeled, SourceUnion
+from centerx.data.synthetic import SyntheticShapes
+from centerx.recipes.main_job import teacher_groups
+from centerx.recipes.overrides import override_value
+from centerx.recipes.report import summarise
+
+REPO = Path(__file__).resolve().parents[1]
+CRITERIA = {"metric": "AP", "student_ratio": 0.95, "naive_margin": 0.9}
+BASELINES = ("naive_merge", "ignore_unlabelled", "pseudo_label")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, True, 3, 0.002, "torch.optim.AdamW", "x y", "1", "null", ["a", "b"], {"k": {"c": "c"}}],
+)
+def test_override_values_read_back(value) -> None:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"+probe={override_value(value)}"])
+    assert OmegaConf.to_container(cfg, resolve=True)["probe"] == value
+
+
+def union_of(labels: dict[str, list[str]]) -> SourceUnion:
+    names = ["circle", "square", "triangle"]
+    parts = [
+        Relabeled(SyntheticShapes(2, seed=i, image_size=32), names, classes)
+        for i, classes in enumerate(labels.values())
+    ]
+    return SourceUnion(parts, list(labels))
+
+
+def test_one_teacher_per_part_or_per_class_group() -> None:
+    union = union_of({"a": ["circle"], "b": ["square", "triangle"], "extra": []})
+    cfg = OmegaConf.create({"main_job": {"teachers": None}})
+    assert teacher_groups(cfg, union) == {
+        "teacher_a": {"classes": ["circle"], "parts": ["a"]},
+        "teacher_b": {"classes": ["square", "triangle"], "parts": ["b"]},
+    }
+    cfg.main_job.teachers = {"round": ["circle"], "edgy": ["triangle", "square"]}
+    assert teacher_groups(cfg, union)["edgy"] == {"classes": ["square", "triangle"], "parts": ["b"]}
+    cfg.main_job.teachers = {"round": ["circle"], "edgy": ["square"]}
+    with pytest.raises(DatasetError, match="exactly one teacher"):
+        teacher_groups(cfg, union)
+
+
+def metrics(per_class: dict[str, float]) -> dict:
+    return {"AP": 0.0, "AP50": 0.0, "per_class_AP": per_class, "per_class_AP50": per_class}
+
+
+def test_criteria_per_class() -> None:
+    results = {
+        "teacher_a": metrics({"circle": 0.60}),
+        "teacher_b": metrics({"square": 0.50}),
+        "student": metrics({"circle": 0.58, "square": 0.45}),
+        "student_gt": metrics({"circle": 0.62, "square": 0.49}),
+        "naive_merge": metrics({"circle": 0.30, "square": 0.20}),
+        "ignore_unlabelled": metrics({"circle": 0.40, "square": 0.47}),
+        "pseudo_label": metrics({"circle": 0.55, "square": 0.30}),
+    }
+    owner = {"circle": "teacher_a", "square": "teacher_b"}
+    summary = summarise(results, owner, BASELINES, CRITERIA)
+    circle, square = summary["per_class"]["circle"], summary["per_class"]["square"]
+    assert circle["student"]["ratio"] == pytest.approx(0.58 / 0.60)
+    assert circle["student"]["keeps"] and circle["student"]["beats_baselines"]
+    assert not square["student"]["keeps"]  # 0.45 < 0.95 * 0.50
+    assert not square["student"]["beats_baselines"]  # ignore_unlabelled has 0.47
+    assert square["best_baseline"] == "ignore_unlabelled"
+    assert square["student_gt"]["keeps"] and square["student_gt"]["beats_baselines"]
+    assert summary["naive_visibly_worse"] and not summary["student_criteria"]
+
+
+@pytest.mark.slow
+def test_main_job_smoke(tmp_path: Path, run_ok) -> None:
+    run = tmp_path / "run"
+    run_ok(
+        [sys.executable, "-m", "centerx", "main", "experiment=fast_story", f"hydra.run.dir={run}"],
+        600,
+    )
+    for name in ("report.md", "report.json", "comparison.png", "predictions/predictions.json"):
+        assert (run / name).is_file(), name
+    report = json.loads((run / "report.json").read_text())
+    models = ["teacher_a", "teacher_b", "student", "student_gt", *BASELINES]
+    assert list(report["models"]) == models
+    assert report["class_owner"] == {"circle": "teacher_a", "triangle": "teacher_b"}
+    for name, figures in report["models"].items():
+        assert {"AP", "AP50", "per_class_AP", "per_class_AP50"} <= set(figures), name
+        values = [figures["AP"], figures["AP50"], *figures["per_class_AP"].values()]
+        assert all(isinstance(v, float | int) and 0.0 <= v <= 1.0 for v in values), name
+        assert (run / name / "checkpoints" / "best.pt").is_file()
+    assert list(report["models"]["teacher_a"]["per_class_AP"]) == ["circle"]
+    assert list(report["models"]["student"]["per_class_AP"]) == ["circle", "triangle"]
+    for teacher in ("teacher_a", "teacher_b"):
+        labels = json.loads((run / "pseudo_labels" / f"{teacher}.json").read_text())
+        assert {"images", "categories", "annotations"} <= set(labels)
+    assert (run / "student" / "model.onnx").is_file()
+    assert report["export"] == str(run / "student" / "model.onnx")
+    text = (run / "report.md").read_text()
+    assert "| student |" in text and "bash run.sh distill" in text and "$" not in text
+
+    # The printed eval command of a row gives that row's figures.
+    train_command, eval_command = report["models"]["student"]["commands"]
+    assert train_command.startswith(
+        "bash run.sh distill data=synthetic_views experiment=fast_story"
+    )
+    args = [a for a in shlex.split(eval_command)[2:] if not a.startswith("hydra.run.dir=")]
+    run_ok([sys.executable, "-m", "centerx", *args, f"hydra.run.dir={tmp_path / 'eval'}"], 120)
+    scored = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert scored["AP"] == pytest.approx(report["models"]["student"]["AP"], abs=1e-9)
+    assert scored["per_class_AP"] == pytest.approx(report["models"]["student"]["per_class_AP"])
