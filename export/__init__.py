@@ -1,9 +1,12 @@
-"""centerx deployment kit (importable as `centerx_export`).
+"""centerx deployment kit (importable as `centerx_export`): numpy, OpenCV and onnxruntime only.
 
-- `onnx_export`: checkpoint -> model.onnx with post-processing in the graph (needs torch).
-- `predictor`:   run a model.onnx with numpy + OpenCV + onnxruntime only (no torch, no centerx);
-                 the file can be copied to a device on its own.
-- `tensorrt`:    build a TensorRT engine from model.onnx with trtexec, and run it.
+- `imaging`:   read images and videos, letterbox, map boxes back, draw (centerx uses these too).
+- `predictor`: run a model.onnx (`OnnxDetector`), the predictions.json schema, and the one
+               predict-on-files loop (images and videos) every backend uses.
+- `tensorrt`:  build a TensorRT engine from model.onnx with trtexec, and run it.
 
-Nothing is imported here, so `import centerx_export.predictor` stays torch-free.
+The kit is the bottom layer: it imports no torch and nothing from centerx (onnxruntime only when
+a session is built), so these files can be copied to a device on their own. The exporter that
+writes model.onnx needs torch and lives in centerx (`centerx.exporter`).
+Nothing is imported here.
 """

@@ -1,26 +1,32 @@
 """Run a centerx ONNX model with numpy, OpenCV and onnxruntime only (no torch, no centerx).
 
-This file is self-contained: copy it next to `model.onnx` on a device and run
+The deployment kit is this file and `imaging.py`: copy both next to `model.onnx` on a device
+and run
 
-    python predictor.py --model model.onnx --input IMAGE_OR_FOLDER --out DIR --score-threshold 0.3
+    python predictor.py --model model.onnx --input IMAGES_FOLDERS_OR_VIDEOS --out DIR
 
-which writes `<stem>_pred.png` (detections drawn) and `predictions.json` (boxes in
-original-image pixels). From Python:
+which writes `<stem>_pred.png` per image, `<stem>_pred.<ext>` per video (detections drawn) and
+`predictions.json` (boxes in original pixels; the schema is `image_record` and
+`predictions_summary` below, documented in export/README.md). From Python:
 
     detector = OnnxDetector("model.onnx")
     boxes, scores, classes = detector.predict(rgb_image, score_threshold=0.3)
 
-Everything the host needs is read from the model's metadata (written at export):
-class names, input size and dtype, output mode, stride. The letterbox is the same
-affine as training's evaluation transform (`centerx.data.transforms.letterbox_matrix`,
-checked equal in tests/test_export.py), so boxes map back exactly.
+Everything the host needs is read from the model's metadata (written at export): class names,
+input size and dtype, output mode, stride. The letterbox is `imaging.letterbox`, the same
+function centerx's evaluation uses, so boxes map back exactly.
 
 Output modes (see export/README.md):
 - `detections`: the graph returns boxes [B,K,4] (letterbox px), scores [B,K], classes [B,K];
   the host only thresholds.
 - `heatmap`: the graph returns the peak-masked class heatmap [B,C,H/4,W/4] (non-peaks are 0),
-  wh and offset [B,2,H/4,W/4]; the host takes the top-K here with the same tie rule as
-  ONNX TopK (equal scores: lower flat index first), so both modes give identical detections.
+  wh and offset [B,2,H/4,W/4] (in the order of the export's `layout`; decoded by name); the
+  host takes the top-K here with the same tie rule as ONNX TopK (equal scores: lower flat index
+  first), so both modes give identical detections.
+
+The predict-on-files loop (`predict_files`) is the one both `run.sh predict` backends use: it
+takes any `DetectionModel`, i.e. a callable `letterboxed uint8 batch [B,3,S,S] -> (boxes,
+scores, classes)` with its class names and input size.
 """
 
 from __future__ import annotations
@@ -30,86 +36,31 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
+
+try:
+    from centerx_export import imaging
+except ImportError:  # predictor.py and imaging.py copied side by side onto a device
+    import imaging  # type: ignore[no-redef]
 
 log = logging.getLogger("centerx_export.predictor")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-PAD_VALUE = 114  # letterbox border, as in training (centerx.data.transforms.warp_image)
 METADATA_FORMAT = 1
 REQUIRED_METADATA = ("mode", "class_names", "image_size")
-
-
-class ImageReadError(RuntimeError):
-    """An image file is missing, empty or cannot be decoded."""
+PREDICTIONS_FORMAT = "centerx-predictions/1"
+DEFAULT_FPS = 25.0  # written into an annotated video when the input declares no frame rate
 
 
 class ModelError(ValueError):
     """The ONNX file is missing, unreadable, or not a centerx export."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Images and geometry (identical to centerx.data.transforms / centerx.engine.evaluate)
-# ---------------------------------------------------------------------------------------------
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 HxWx3 (format sniffed from the bytes); clear error if not."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ImageReadError(f"cannot read image {path}: {err.strerror or err}") from err
-    if not data:
-        raise ImageReadError(f"cannot read image {path}: file is empty")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
-        raise ImageReadError(f"cannot read image {path}: not a decodable image file")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def letterbox_matrix(width: int, height: int, out_size: int) -> np.ndarray:
-    """2x3 affine: the whole image, centred, longer side fitted to out_size (no flip)."""
-    center_x, center_y = width / 2, height / 2
-    scale = out_size / max(width, height)
-    return np.array(
-        [
-            [scale, 0.0, out_size / 2 - scale * center_x],
-            [0.0, scale, out_size / 2 - scale * center_y],
-        ],
-        dtype=np.float64,
-    )
-
-
-def letterbox(image: np.ndarray, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """RGB HxWx3 -> (letterboxed out_size x out_size x 3, the 2x3 matrix used)."""
-    height, width = image.shape[:2]
-    matrix = letterbox_matrix(width, height, out_size)
-    warped = cv2.warpAffine(
-        image,
-        matrix,
-        (out_size, out_size),
-        flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=(PAD_VALUE, PAD_VALUE, PAD_VALUE),
-    )
-    return warped, matrix
-
-
-def to_original(boxes: np.ndarray, matrix: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Letterbox-pixel xyxy boxes -> original-image pixels (inverse affine), clipped to the image."""
-    inverse = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    corners = boxes[:, [0, 1, 2, 3, 0, 3, 2, 1]].reshape(-1, 4, 2)
-    mapped = corners @ inverse[:, :2].T + inverse[:, 2]
-    out = np.concatenate([mapped.min(1), mapped.max(1)], axis=1).astype(np.float32)
-    out[:, [0, 2]] = out[:, [0, 2]].clip(0, width)
-    out[:, [1, 3]] = out[:, [1, 3]].clip(0, height)
-    return out
+class NoReadableInputError(ValueError):
+    """Prediction was asked for, but not one input image or video could be read."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,59 +115,6 @@ def decode_heatmap(
 
 
 # ---------------------------------------------------------------------------------------------
-# Drawing (centerx.utils.visualize draws with these too)
-# ---------------------------------------------------------------------------------------------
-
-
-def class_color(index: int) -> tuple[int, int, int]:
-    """A stable, well-separated RGB colour per class (golden-ratio hue steps)."""
-    hue = int((index * 0.618033988749895 % 1.0) * 179)
-    hsv = np.uint8([[[hue, 200, 255]]])
-    return tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0])
-
-
-def draw_detections(
-    image: np.ndarray,
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    classes: np.ndarray,
-    class_names: Sequence[str],
-) -> np.ndarray:
-    """A copy of an RGB image with labelled boxes."""
-    canvas = np.ascontiguousarray(image.copy())
-    scale = max(0.35, min(canvas.shape[:2]) / 600)
-    thickness = max(1, round(scale * 2))
-    for box, score, cls in zip(
-        np.asarray(boxes), np.asarray(scores), np.asarray(classes), strict=True
-    ):
-        color = class_color(int(cls))
-        x0, y0, x1, y1 = np.round(np.asarray(box)).astype(int).tolist()
-        cv2.rectangle(canvas, (x0, y0), (x1, y1), color, thickness)
-        label = f"{class_names[int(cls)]} {score:.2f}"
-        (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-        ty = max(th + 2, y0)
-        cv2.rectangle(canvas, (x0, ty - th - 2), (x0 + tw + 2, ty), color, -1)
-        cv2.putText(
-            canvas,
-            label,
-            (x0 + 1, ty - 2),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            scale,
-            (0, 0, 0),
-            1,
-            cv2.LINE_AA,
-        )
-    return canvas
-
-
-def save_rgb(path: str | Path, image: np.ndarray) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write image {path}")
-
-
-# ---------------------------------------------------------------------------------------------
 # The detector
 # ---------------------------------------------------------------------------------------------
 
@@ -234,7 +132,7 @@ def parse_metadata(raw: dict[str, str]) -> dict:
 
 def default_providers() -> list[str]:
     """CUDA when this onnxruntime build has it, else CPU."""
-    import onnxruntime as ort  # here, not at the top: the drawing/file helpers need no runtime
+    import onnxruntime as ort  # here, not at the top: importing the kit loads no runtime
 
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -356,88 +254,204 @@ class OnnxDetector:
             raise ValueError(
                 f"expected an RGB uint8 image HxWx3, got {image.dtype} array of shape {image.shape}"
             )
-        height, width = image.shape[:2]
-        warped, matrix = letterbox(image, self.image_size)
-        boxes, scores, classes = (
-            a[0] for a in self.predict_letterboxed(warped.transpose(2, 0, 1)[None])
+        return detect(self.predict_letterboxed, image, self.image_size, score_threshold)
+
+    def as_model(self) -> DetectionModel:
+        """What `predict_files` takes (the PyTorch model is wrapped the same way)."""
+        return DetectionModel(
+            self.predict_letterboxed, self.class_names, self.image_size, str(self.path)
         )
-        keep = scores >= score_threshold
-        return to_original(boxes[keep], matrix, width, height), scores[keep], classes[keep]
 
 
 # ---------------------------------------------------------------------------------------------
-# Files (centerx.engine's prediction lists images with list_images) and the command line
+# Predicting on files: one loop for every backend (onnxruntime here, PyTorch in centerx)
 # ---------------------------------------------------------------------------------------------
 
+Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes [.., 4] xyxy, scores, classes
+BatchPredictor = Callable[[np.ndarray], tuple]  # letterboxed uint8 [B,3,S,S] -> Detections [B,..]
 
-def list_images(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Files and folders (searched recursively, sorted) -> image paths; clear error if none."""
-    paths: list[Path] = []
-    for item in [inputs] if isinstance(inputs, str | Path) else inputs:
-        path = Path(item)
-        if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise FileNotFoundError(f"input {path} does not exist")
-    if not paths:
-        raise FileNotFoundError(
-            f"no images found in {inputs} (looked for {sorted(IMAGE_SUFFIXES)})"
-        )
-    return paths
+
+@dataclass(frozen=True)
+class DetectionModel:
+    """What predicting on files needs from a backend."""
+
+    predict: BatchPredictor  # boxes [B,K,4] in letterbox pixels, scores [B,K], classes [B,K]
+    class_names: list[str]
+    image_size: int  # the letterbox side S
+    name: str  # the model file, recorded in predictions.json
+
+
+def detect(
+    predict: BatchPredictor, image: np.ndarray, image_size: int, score_threshold: float
+) -> Detections:
+    """One RGB uint8 image -> the detections above the threshold, boxes in its own pixels."""
+    height, width = image.shape[:2]
+    warped, matrix = imaging.letterbox(image, image_size)
+    batch = np.ascontiguousarray(warped.transpose(2, 0, 1)[None])
+    boxes, scores, classes = (np.asarray(a)[0] for a in predict(batch))
+    keep = scores >= score_threshold
+    return imaging.to_original(boxes[keep], matrix, width, height), scores[keep], classes[keep]
+
+
+def image_record(
+    path: str | Path,
+    image: np.ndarray,
+    detections: Detections,
+    class_names: Sequence[str],
+    frame: int | None = None,
+    timestamp: float | None = None,
+) -> dict:
+    """One entry of predictions.json "images": an image file, or one frame of a video."""
+    boxes, scores, classes = detections
+    record: dict = {"image": str(path)}
+    if frame is not None:
+        record |= {"frame": int(frame), "timestamp": timestamp}
+    return record | {
+        "width": int(image.shape[1]),
+        "height": int(image.shape[0]),
+        "detections": [
+            {
+                "box": [round(float(v), 2) for v in box],
+                "score": round(float(score), 4),
+                "class": class_names[int(cls)],
+                "class_id": int(cls),
+            }
+            for box, score, cls in zip(boxes, scores, classes, strict=True)
+        ],
+    }
+
+
+def predictions_summary(
+    model: DetectionModel,
+    score_threshold: float,
+    images: list[dict],
+    videos: list[dict],
+    skipped: list[dict],
+    seconds: float,
+) -> dict:
+    """predictions.json: the same schema for every backend (export/README.md documents it)."""
+    return {
+        "format": PREDICTIONS_FORMAT,
+        "model": model.name,
+        "class_names": list(model.class_names),
+        "image_size": int(model.image_size),
+        "score_threshold": float(score_threshold),
+        "images": images,
+        "videos": videos,
+        "skipped": skipped,
+        "seconds": round(seconds, 3),
+    }
+
+
+def describe(summary: dict, out_dir: str | Path) -> str:
+    """One line for the console: what was predicted, and where it went."""
+    count = sum(len(item["detections"]) for item in summary["images"])
+    frames = sum(video["frames"] for video in summary["videos"])
+    files = len(summary["images"]) - frames
+    parts = [f"{count} detections in {files} images"]
+    if summary["videos"]:
+        parts.append(f"{len(summary['videos'])} videos ({frames} frames)")
+    if summary["skipped"]:
+        parts.append(f"{len(summary['skipped'])} unreadable")
+    return f"{', '.join(parts)} -> {out_dir}"
+
+
+def _progress(items: Iterable, total: int | None, desc: str, enabled: bool) -> Iterable:
+    """A tqdm progress bar where tqdm is installed (it is optional on a device)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, total=total, desc=desc, disable=not enabled, leave=False)
+
+
+def predict_video(
+    model: DetectionModel,
+    path: Path,
+    out_dir: Path,
+    score_threshold: float = 0.3,
+    draw: bool = True,
+    progress: bool = True,
+) -> tuple[list[dict], dict]:
+    """Every frame of a video: (one record per frame, the video's entry); with `draw`, the
+    annotated video `<stem>_pred<suffix>` in out_dir (same container, same frame rate)."""
+    reader = imaging.VideoReader(path)
+    info = reader.info
+    output = out_dir / f"{path.stem}_pred{path.suffix.lower()}"
+    writer = (
+        imaging.VideoWriter(output, info.fps or DEFAULT_FPS, info.width, info.height)
+        if draw
+        else None
+    )
+    records = []
+    try:
+        for index, frame in _progress(reader, info.frame_count or None, path.name, progress):
+            detections = detect(model.predict, frame, model.image_size, score_threshold)
+            timestamp = round(index / info.fps, 3) if info.fps > 0 else None
+            records.append(
+                image_record(path, frame, detections, model.class_names, index, timestamp)
+            )
+            if writer is not None:
+                writer.write(imaging.draw_detections(frame, *detections, model.class_names))
+    finally:
+        if writer is not None:
+            writer.close()
+    entry = {
+        "video": str(path),
+        "output": str(output) if draw else None,
+        "frames": len(records),
+        "fps": info.fps,
+        "width": info.width,
+        "height": info.height,
+    }
+    return records, entry
 
 
 def predict_files(
-    detector: OnnxDetector,
+    model: DetectionModel,
     inputs: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     score_threshold: float = 0.3,
     draw: bool = True,
+    progress: bool = True,
 ) -> dict:
-    """Predict on image files: `<stem>_pred.png` per image and predictions.json (boxes in
-    original pixels) in out_dir. Unreadable files are skipped, logged and listed under "skipped"."""
+    """Predict on images and videos (files, and folders searched recursively): predictions.json
+    in out_dir, and with `draw` `<stem>_pred.png` per image and `<stem>_pred<suffix>` per video.
+    Unreadable inputs are skipped, logged and listed under "skipped"; when none could be read,
+    NoReadableInputError (after writing predictions.json)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, skipped = [], []
+    paths = imaging.list_inputs(inputs, imaging.IMAGE_SUFFIXES | imaging.VIDEO_SUFFIXES)
+    images, videos, skipped = [], [], []
     started = time.perf_counter()
-    for path in list_images(inputs):
+    for path in _progress(paths, len(paths), "predict", progress and len(paths) > 1):
         try:
-            image = read_image(path)
-        except ImageReadError as err:
+            if imaging.is_video(path):
+                records, entry = predict_video(
+                    model, path, out_dir, score_threshold, draw, progress
+                )
+                images += records
+                videos.append(entry)
+                continue
+            image = imaging.read_image(path)
+        except (imaging.ImageReadError, imaging.VideoError) as err:
             log.warning("skipping: %s", err)
             skipped.append({"image": str(path), "error": str(err)})
             continue
-        boxes, scores, classes = detector.predict(image, score_threshold)
-        results.append(
-            {
-                "image": str(path),
-                "width": int(image.shape[1]),
-                "height": int(image.shape[0]),
-                "detections": [
-                    {
-                        "box": [round(float(v), 2) for v in box],
-                        "score": round(float(s), 4),
-                        "class": detector.class_names[int(c)],
-                    }
-                    for box, s, c in zip(boxes, scores, classes, strict=True)
-                ],
-            }
-        )
+        detections = detect(model.predict, image, model.image_size, score_threshold)
+        images.append(image_record(path, image, detections, model.class_names))
         if draw:
-            save_rgb(
+            imaging.save_rgb(
                 out_dir / f"{path.stem}_pred.png",
-                draw_detections(image, boxes, scores, classes, detector.class_names),
+                imaging.draw_detections(image, *detections, model.class_names),
             )
-    summary = {
-        "model": str(detector.path),
-        "mode": detector.mode,
-        "score_threshold": score_threshold,
-        "images": results,
-        "skipped": skipped,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    seconds = time.perf_counter() - started
+    summary = predictions_summary(model, score_threshold, images, videos, skipped, seconds)
     (out_dir / "predictions.json").write_text(json.dumps(summary, indent=1))
+    if skipped and not images and not videos:
+        first = skipped[0]["error"]
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        raise NoReadableInputError(f"no input could be read: {first}{more}")
     return summary
 
 
@@ -446,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Detect objects with a centerx ONNX model (numpy + OpenCV + onnxruntime)."
     )
     parser.add_argument("--model", required=True, help="model.onnx written by `run.sh export`")
-    parser.add_argument("--input", required=True, nargs="+", help="image files and/or folders")
+    parser.add_argument("--input", required=True, nargs="+", help="images, videos and/or folders")
     parser.add_argument("--out", default="predictions", help="output folder")
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--top-k", type=int, default=100)
@@ -457,19 +471,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         detector = OnnxDetector(args.model, top_k=args.top_k, providers=args.providers)
         summary = predict_files(
-            detector, args.input, args.out, args.score_threshold, draw=not args.no_draw
+            detector.as_model(), args.input, args.out, args.score_threshold, not args.no_draw
         )
-    except (ModelError, FileNotFoundError, ValueError) as err:
+    except (ModelError, FileNotFoundError, ValueError, imaging.VideoError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    count = sum(len(item["detections"]) for item in summary["images"])
-    print(
-        f"{count} detections in {len(summary['images'])} images "
-        f"({len(summary['skipped'])} unreadable) -> {args.out}"
-    )
-    if not summary["images"]:
-        print("error: no input image could be read", file=sys.stderr)
-        return 1
+    print(describe(summary, args.out))
     return 0
 
 

@@ -1,7 +1,7 @@
 """TensorRT: build an engine from a centerx model.onnx with `trtexec`, and run it.
 
     python export/tensorrt.py build --onnx model.onnx --engine model.engine --precision fp16
-    python export/tensorrt.py run --engine model.engine --input IMAGE_OR_FOLDER --out DIR
+    python export/tensorrt.py run --engine model.engine --input IMAGES_FOLDERS_OR_VIDEOS --out DIR
 
 Needs an NVIDIA GPU, TensorRT's `trtexec` (on PATH or $TRTEXEC) for building, and for running
 the `tensorrt` Python package plus either `polygraphy` or `cuda-python`. Without them every
@@ -38,7 +38,7 @@ import numpy as np
 
 try:
     from centerx_export import predictor as _predictor
-except ImportError:  # copied next to predictor.py on a device
+except ImportError:  # copied next to predictor.py and imaging.py on a device
     import predictor as _predictor  # type: ignore[no-redef]
 
 PRECISIONS = ("fp32", "fp16", "typed")
@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--engine", required=True)
     build.add_argument("--precision", choices=PRECISIONS, default="fp32")
     build.add_argument("--max-batch", type=int, default=8)
-    run = sub.add_parser("run", help="predict on images with a built engine")
+    run = sub.add_parser("run", help="predict on images and videos with a built engine")
     run.add_argument("--engine", required=True)
     run.add_argument("--onnx", default=None, help="metadata source if <engine>.json is missing")
     run.add_argument("--input", required=True, nargs="+")
@@ -357,10 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {engine} (log: {engine.with_suffix('.log')})")
             return 0
         detector = TensorRTDetector(args.engine, args.onnx)
-        summary = _predictor.predict_files(detector, args.input, args.out, args.score_threshold)
-        print(f"{len(summary['images'])} images -> {args.out}")
+        summary = _predictor.predict_files(
+            detector.as_model(), args.input, args.out, args.score_threshold
+        )
+        print(_predictor.describe(summary, args.out))
         return 0
-    except (TensorRTError, FileNotFoundError, ValueError) as err:
+    except (TensorRTError, FileNotFoundError, ValueError, _predictor.imaging.VideoError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -28,10 +28,10 @@ import onnxruntime as ort
 import torch
 from omegaconf import OmegaConf
 
-from centerx.engine.build import model_from_checkpoint
 from centerx.engine.evaluate import torch_predictor
+from centerx.exporter.onnx import export_onnx
 from centerx.model.centernet import build_model
-from centerx_export.onnx_export import export_onnx
+from centerx.model.checkpoint import model_from_checkpoint
 from centerx_export.predictor import OnnxDetector
 
 REPO = Path(__file__).resolve().parents[1]

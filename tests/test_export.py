@@ -28,26 +28,24 @@ from onnx.reference.op_run import OpRun
 
 from centerx.data.pipeline import TrainingDataset, build_loader
 from centerx.data.synthetic import SyntheticShapes
-from centerx.data.transforms import letterbox_matrix, warp_image
-from centerx.engine.build import checkpoint_meta, model_from_checkpoint
-from centerx.engine.checkpoint import CheckpointError, save_checkpoint
-from centerx.engine.evaluate import evaluate_predictor, to_original, torch_predictor
-from centerx.losses.centernet_loss import CenterNetLoss
-from centerx.model.centernet import build_model
-from centerx.model.decode import peak_mask
-from centerx_export import predictor as onnx_predictor
-from centerx_export.onnx_export import (
-    ExportError,
-    check_options,
+from centerx.engine.build import checkpoint_meta
+from centerx.engine.evaluate import evaluate_predictor, torch_predictor
+from centerx.exporter.onnx import ExportError, check_options, export_onnx, export_task
+from centerx.exporter.parity import (
     compare_detections,
     compare_fp16,
     compare_peaks,
-    export_onnx,
-    export_task,
     torch_reference,
     verify_onnx,
 )
-from centerx_export.predictor import ImageReadError, ModelError, OnnxDetector
+from centerx.losses.centernet_loss import CenterNetLoss
+from centerx.model.centernet import build_model
+from centerx.model.checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
+from centerx.model.decode import peak_mask
+from centerx_export import imaging
+from centerx_export import predictor as onnx_predictor
+from centerx_export.imaging import ImageReadError
+from centerx_export.predictor import ModelError, OnnxDetector
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle"]
@@ -72,11 +70,9 @@ def model_cfg():
 
 
 def letterboxed(source, count: int, size: int) -> np.ndarray:
-    batch = []
-    for index in range(count):
-        image = source.load_image(index)
-        matrix = letterbox_matrix(image.shape[1], image.shape[0], size)
-        batch.append(warp_image(image, matrix, size).transpose(2, 0, 1))
+    batch = [
+        imaging.letterbox(source.load_image(i), size)[0].transpose(2, 0, 1) for i in range(count)
+    ]
     return np.ascontiguousarray(np.stack(batch))
 
 
@@ -119,7 +115,8 @@ def make_spread_model(images: np.ndarray) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def exports(spread_model, tmp_path_factory) -> dict[str, Path]:
-    """FP32 detections (static), FP32 heatmap (dynamic H/W), FP16 detections (static)."""
+    """FP32 detections (static), FP32 heatmap (dynamic H/W), FP16 detections (static), FP32
+    heatmap in centerX's layout with float32 input (static)."""
     out = tmp_path_factory.mktemp("exports")
     meta = {"class_names": CLASSES}
     paths = {
@@ -134,6 +131,15 @@ def exports(spread_model, tmp_path_factory) -> dict[str, Path]:
         ),
         "det16": export_onnx(
             spread_model, out / "det16.onnx", image_size=SIZE, fp16=True, metadata=meta
+        ),
+        "heat_cx": export_onnx(
+            spread_model,
+            out / "heat_cx.onnx",
+            image_size=SIZE,
+            mode="heatmap",
+            layout="centerx",
+            input_dtype="float32",
+            metadata=meta,
         ),
     }
     return {key: Path(info["path"]) for key, info in paths.items()}
@@ -243,17 +249,23 @@ class PeakMask(torch.nn.Module):
         return peak_mask(scores)
 
 
-class ReluEpsMask(torch.nn.Module):
-    """centerX: relu(x - maxpool(x) + 1e-9) * 1e9 as the peak indicator."""
+class CenterXMask(torch.nn.Module):
+    """centerX's peak mask exactly as its exporter writes it (projects/speedup/centerX2onnx.py,
+    `centerX_forward`), cast to float included:
+    keep = relu((cls - maxpool3x3(cls)).float() + 1e-9) * 1e9; result = cls * keep."""
 
-    def forward(self, scores):
-        pooled = F.max_pool2d(scores, 3, stride=1, padding=1)
-        return scores * (torch.relu(scores - pooled + 1e-9) * 1e9)
+    def forward(self, cls):
+        fmap_max = F.max_pool2d(cls, 3, stride=1, padding=1)
+        keep = torch.relu((cls - fmap_max).float() + 1e-9) * 1e9
+        return cls * keep
 
 
-def export_module(module: torch.nn.Module, example: torch.Tensor, path: Path) -> onnx.ModelProto:
-    """The DEFAULT exporter, as a user would call it (dynamo, optimised), one file."""
-    torch.onnx.export(module, (example,), str(path), external_data=False)
+def export_module(
+    module: torch.nn.Module, example: torch.Tensor, path: Path, optimize: bool = True
+) -> onnx.ModelProto:
+    """The DEFAULT exporter, as a user would call it (dynamo; optimize=True unless told), one
+    file."""
+    torch.onnx.export(module, (example,), str(path), external_data=False, optimize=optimize)
     return onnx.load(str(path))
 
 
@@ -285,41 +297,31 @@ def test_peak_mask_is_exact_in_torch_onnxruntime_and_reference(dtype, tmp_path) 
     np.testing.assert_array_equal(reference, expected)
 
 
-def test_relu_eps_mask_breaks_under_the_default_exporter(tmp_path) -> None:
-    """Regression: centerX's arithmetic mask is right in eager PyTorch FP32, but
-    - FP32, default exporter: the optimiser folds `+ 1e-9` away (x - max + 1e-9 -> x - max),
-      so relu(0) * 1e9 = 0 at every peak: onnxruntime and onnx.reference return all zeros;
-    - FP16: 1e-9 underflows to 0 (eager PyTorch FP16 already zeroes every score), and in the
-      exported graph 1e9 is stored as an FP16 constant that overflows to inf, so every cell is
-      0 * inf = NaN on both runtimes.
-    Ours (Equal/Where) is exact on the same inputs in both precisions."""
-    x32 = tricky_scores(np.float32)
-    expected32 = brute_force_peaks(x32)
-    eager = ReluEpsMask()(torch.from_numpy(x32)).numpy()
-    assert ((eager > 0) == (expected32 > 0)).all()  # right in eager FP32
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_centerx_mask_is_zeroed_by_the_default_exporter(dtype, tmp_path) -> None:
+    """centerX's exact mask (with its `.float()` cast) on FP32 and on FP16 scores:
+    - eager PyTorch: right (FP16 scores give an FP32 result equal to the exact peak mask);
+    - default exporter (torch 2.13 dynamo, optimize=True): the `+ 1e-9` Add is removed from the
+      graph, so relu(0) * 1e9 = 0 at every peak: onnxruntime and onnx.reference return zeros;
+    - the same exporter with optimize=False keeps the Add, and the exported mask is right.
+    (Our Equal/Where mask is exact on the same inputs: the test above.)"""
+    x = tricky_scores(dtype)
+    expected = brute_force_peaks(x).astype(np.float32)
+    assert expected.max() > 0
+    eager = CenterXMask()(torch.from_numpy(x)).numpy()
+    assert eager.dtype == np.float32
+    np.testing.assert_array_equal(eager, expected)
 
-    proto = export_module(ReluEpsMask(), torch.from_numpy(x32), tmp_path / "relu32.onnx")
-    constants = [onnx.numpy_helper.to_array(i) for i in proto.graph.initializer]
-    assert "Add" not in {n.op_type for n in proto.graph.node}  # the + 1e-9 was folded away
-    assert any(np.isclose(c, 1e9).all() for c in constants)
-    runtime, reference = run_both(proto, x32)
-    assert expected32.max() > 0
+    proto = export_module(CenterXMask(), torch.from_numpy(x), tmp_path / "default.onnx")
+    assert "Add" not in {n.op_type for n in proto.graph.node}  # the + 1e-9 is gone
+    runtime, reference = run_both(proto, x)
     assert not runtime.any() and not reference.any()  # every score zeroed
 
-    x16 = tricky_scores(np.float16)
-    # Eager FP16: 1e-9 rounds to 0 in half, so relu(x - max) = 0 and every score is zeroed.
-    assert not ReluEpsMask()(torch.from_numpy(x16)).numpy().any()
-    proto = export_module(ReluEpsMask(), torch.from_numpy(x16), tmp_path / "relu16.onnx")
-    constants = [onnx.numpy_helper.to_array(i) for i in proto.graph.initializer]
-    assert any(c.dtype == np.float16 and np.isinf(c).all() for c in constants)  # 1e9 -> inf
-    runtime, reference = run_both(proto, x16)
-    assert np.isnan(runtime).all() and np.isnan(reference).all()
-
-    for x in (x32, x16):
-        proto = export_module(PeakMask(), torch.from_numpy(x), tmp_path / "ours.onnx")
-        runtime, reference = run_both(proto, x)
-        np.testing.assert_array_equal(runtime, brute_force_peaks(x))
-        np.testing.assert_array_equal(reference, brute_force_peaks(x))
+    proto = export_module(CenterXMask(), torch.from_numpy(x), tmp_path / "plain.onnx", False)
+    assert "Add" in {n.op_type for n in proto.graph.node}
+    runtime, reference = run_both(proto, x)
+    np.testing.assert_array_equal(runtime, expected)
+    np.testing.assert_array_equal(reference, expected)
 
 
 def test_host_topk_matches_onnx_topk_ties(tmp_path) -> None:
@@ -370,12 +372,12 @@ def test_graph_is_one_checked_file_that_tensorrt_8_and_10_accept(exports) -> Non
         assert {"MaxPool", "Equal", "Where"} <= ops, key
         initializers = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
         topk = [n for n in proto.graph.node if n.op_type == "TopK"]
-        assert len(topk) == (0 if key == "heat32" else 1)
+        assert len(topk) == (0 if key.startswith("heat") else 1)
         for node in topk:  # K must be a constant initializer (TensorRT)
             assert initializers[node.input[1]].tolist() == [100]
         meta = {p.key: p.value for p in proto.metadata_props}
         assert json.loads(meta["class_names"]) == CLASSES
-        assert meta["mode"] == ("heatmap" if key == "heat32" else "detections")
+        assert meta["mode"] == ("heatmap" if key.startswith("heat") else "detections")
         assert any(n.name.startswith("postprocess/") for n in proto.graph.node)
     fp16 = onnx.load(str(exports["det16"]))
     weights = {i.name: i.data_type for i in fp16.graph.initializer}
@@ -403,6 +405,42 @@ def test_fp32_parity_both_modes(spread_model, exports, images) -> None:
     np.testing.assert_array_equal(host_dets[2], graph_dets[2])
     np.testing.assert_allclose(host_dets[1], graph_dets[1], rtol=1e-6, atol=0)
     np.testing.assert_allclose(host_dets[0], graph_dets[0], rtol=1e-5, atol=1e-5)
+
+
+def test_centerx_layout_feeds_centerx_host_code(spread_model, exports, images) -> None:
+    """layout=centerx orders the heatmap-mode outputs (heatmap, offset, wh), as centerX's host
+    code (projects/speedup/onnx_inference.py) unpacks them by position: (cls, reg, wh). Its
+    decode (threshold every cell, no top-K; box = (cell + reg -+ wh/2) * 4), written here from
+    that description and fed float32 like centerX, finds the detections of our in-graph decode
+    above the threshold (PyTorch's, with a K large enough to cut none); our predictor decodes
+    the file by name."""
+    session = ort.InferenceSession(str(exports["heat_cx"]), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["heatmap", "offset", "wh"]
+    assert session.get_inputs()[0].type == "tensor(float)"
+    cls, reg, wh = session.run(None, {"images": images.astype(np.float32)})
+    threshold = 0.7
+    boxes, scores, classes = [], [], []
+    for b in range(len(images)):
+        c, ys, xs = np.nonzero(cls[b] >= threshold)
+        cx, cy = xs + reg[b, 0, ys, xs], ys + reg[b, 1, ys, xs]
+        w, h = wh[b, 0, ys, xs], wh[b, 1, ys, xs]
+        boxes.append(np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1) * 4)
+        scores.append(cls[b][c, ys, xs])
+        classes.append(c)
+    count = max(len(s) for s in scores)
+    host = tuple(
+        np.stack([np.pad(a, [(0, count - len(a))] + [(0, 0)] * (a.ndim - 1)) for a in arrays])
+        for arrays in (boxes, scores, classes)
+    )
+    reference, _ = torch_reference(spread_model, images, top_k=2000)
+    assert (reference[1] >= threshold).sum(1).max() < 2000
+    figures = compare_detections(reference, host, score_threshold=threshold, band=1e-5)
+    assert figures["reference"] > 300 and figures["missing"] == figures["extra"] == 0, figures
+    assert figures["max_box_rel"] <= 1e-4 and figures["max_score_rel"] <= 1e-4, figures
+    graph = OnnxDetector(exports["det32"]).predict_letterboxed(images)
+    by_name = OnnxDetector(exports["heat_cx"]).predict_letterboxed(images)
+    np.testing.assert_array_equal(by_name[2], graph[2])
+    np.testing.assert_allclose(by_name[0], graph[0], rtol=1e-5, atol=1e-5)
 
 
 def test_dynamic_batch_and_dynamic_height_width(spread_model, exports, images) -> None:
@@ -486,7 +524,7 @@ def test_map_parity_on_synthetic_validation(trained, cli_export, run_cli) -> Non
         assert round(torch_metrics[key], 3) == round(onnx_metrics[key], 3), key
     # The CLI evaluator on the ONNX file reports the same numbers.
     run_dir = cli_export.parent / "eval"
-    run_cli("eval", f"model={cli_export / 'model.onnx'}", f"hydra.run.dir={run_dir}")
+    run_cli("eval", f"checkpoint={cli_export / 'model.onnx'}", f"hydra.run.dir={run_dir}")
     cli_metrics = json.loads((run_dir / "eval.json").read_text())
     for key in ("AP", "AP50"):
         assert round(cli_metrics[key], 3) == round(torch_metrics[key], 3), key
@@ -507,7 +545,41 @@ def test_cli_export_writes_model_and_parity_report(cli_export, trained) -> None:
     assert detector.metadata["input_dtype"] == "uint8" and detector.metadata["stride"] == 32
 
 
-def test_cli_predict_uses_the_torch_free_predictor(cli_export, run_cli, tmp_path) -> None:
+def write_video(path: Path, frames: int, fps: float = 10.0) -> None:
+    """A short mp4v video of synthetic shapes, 96x64 (written with OpenCV, as a camera would)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (96, 64))
+    assert writer.isOpened()
+    for index in range(frames):
+        image = SyntheticShapes(1, seed=20 + index, image_size=96).load_image(0)
+        writer.write(cv2.resize(image, (96, 64))[:, :, ::-1].copy())
+    writer.release()
+
+
+def count_frames(path: Path) -> int:
+    capture = cv2.VideoCapture(str(path))
+    assert capture.isOpened(), path
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    capture.release()
+    return count
+
+
+def keys_of(value) -> object:
+    """The shape of a JSON value: its keys, recursively (lists by their first element)."""
+    if isinstance(value, dict):
+        return {key: keys_of(item) for key, item in value.items()}
+    if isinstance(value, list) and value:
+        return [keys_of(value[0])]
+    return type(value).__name__ if value is not None else None
+
+
+def test_cli_predict_images_and_video_one_schema_for_both_models(
+    trained, cli_export, run_cli, tmp_path
+) -> None:
+    """`python -m centerx predict` on a folder (two images, an unreadable file, a video) with
+    the PyTorch checkpoint and with its ONNX export: the same predictions.json schema, the
+    same detections, an annotated video and one JSON record per frame."""
     folder = tmp_path / "inputs"
     folder.mkdir()
     sizes = []
@@ -516,42 +588,130 @@ def test_cli_predict_uses_the_torch_free_predictor(cli_export, run_cli, tmp_path
         sizes.append(image.shape[:2])
         cv2.imwrite(str(folder / f"img{index}.jpg"), image[:, :, ::-1])  # BGR on disk
     (folder / "broken.png").write_bytes(b"not an image")
-    run_dir = tmp_path / "predict"
-    run_cli(
-        "predict",
-        f"model={cli_export / 'model.onnx'}",
-        f"input={folder}",
-        "score_threshold=0.05",
-        f"hydra.run.dir={run_dir}",
+    video = folder / "clip.mp4"
+    write_video(video, frames=5)
+    summaries = {}
+    for name, model in (("pytorch", trained), ("onnx", cli_export / "model.onnx")):
+        run_dir = tmp_path / name
+        run_cli(
+            "predict",
+            f"checkpoint={model}",
+            f"input={folder}",
+            "score_threshold=0.05",
+            f"hydra.run.dir={run_dir}",
+        )
+        summary = json.loads((run_dir / "predictions.json").read_text())
+        assert summary["format"] == "centerx-predictions/1" and summary["model"] == str(model)
+        assert summary["class_names"] == CLASSES and summary["image_size"] == TRAIN_SIZE
+        stills = [r for r in summary["images"] if "frame" not in r]
+        assert [Path(r["image"]).name for r in stills] == ["img0.jpg", "img1.jpg"]
+        assert [Path(s["image"]).name for s in summary["skipped"]] == ["broken.png"]
+        assert "not a decodable image" in summary["skipped"][0]["error"]
+        assert (run_dir / "img0_pred.png").is_file()
+        for item, (height, width) in zip(stills, sizes, strict=True):
+            assert (item["height"], item["width"]) == (height, width)
+        frames = [r for r in summary["images"] if "frame" in r]
+        assert [(r["frame"], r["timestamp"]) for r in frames] == [
+            (i, round(i / 10, 3)) for i in range(5)
+        ]
+        assert {(r["image"], r["width"], r["height"]) for r in frames} == {(str(video), 96, 64)}
+        assert summary["videos"] == [
+            {
+                "video": str(video),
+                "output": str(run_dir / "clip_pred.mp4"),
+                "frames": 5,
+                "fps": 10.0,
+                "width": 96,
+                "height": 64,
+            }
+        ]
+        assert count_frames(run_dir / "clip_pred.mp4") == 5
+        for item in summary["images"]:
+            for det in item["detections"]:
+                x0, y0, x1, y1 = det["box"]
+                assert 0 <= x0 <= x1 <= item["width"] and 0 <= y0 <= y1 <= item["height"]
+                assert det["score"] >= 0.05 and CLASSES[det["class_id"]] == det["class"]
+        summaries[name] = summary
+    torch_run, onnx_run = summaries["pytorch"], summaries["onnx"]
+    assert keys_of(torch_run) == keys_of(onnx_run)
+    assert sum(len(r["detections"]) for r in torch_run["images"]) > 0
+    for ours, theirs in zip(torch_run["images"], onnx_run["images"], strict=True):
+        # FP32 parity: the same detections, except right at the threshold.
+        confident = [
+            [d for d in record["detections"] if d["score"] >= 0.06] for record in (ours, theirs)
+        ]
+        assert len(confident[0]) == len(confident[1]), (ours, theirs)
+        for a, b in zip(*confident, strict=True):
+            assert a["class"] == b["class"] and abs(a["score"] - b["score"]) <= 2e-4
+            assert np.abs(np.subtract(a["box"], b["box"])).max() <= 0.02
+
+
+def test_predict_with_nothing_readable_exits_1(trained, cli_export, tmp_path) -> None:
+    """No readable input: predictions.json lists the skipped files and the command fails."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    command = [sys.executable, "-m", "centerx", "predict", f"checkpoint={trained}"]
+    command += [f"input={broken}", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "no input could be read: cannot read image" in done.stdout + done.stderr
+    summary = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    assert summary["images"] == [] and len(summary["skipped"]) == 1
+    junk_video = tmp_path / "junk.mp4"
+    junk_video.write_bytes(b"not a video")
+    model = OnnxDetector(cli_export / "model.onnx").as_model()
+    with pytest.raises(onnx_predictor.NoReadableInputError, match=r"cannot open video .*junk"):
+        onnx_predictor.predict_files(model, junk_video, tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        onnx_predictor.predict_files(model, tmp_path / "missing.mp4", tmp_path / "out")
+
+
+def loaded_modules(code: str) -> list[str]:
+    """sys.modules after running `code` in a fresh interpreter."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    summary = json.loads((run_dir / "predictions.json").read_text())
-    assert [Path(i["image"]).name for i in summary["images"]] == ["img0.jpg", "img1.jpg"]
-    assert [Path(s["image"]).name for s in summary["skipped"]] == ["broken.png"]
-    assert "not a decodable image" in summary["skipped"][0]["error"]
-    assert (run_dir / "img0_pred.png").is_file()
-    assert sum(len(item["detections"]) for item in summary["images"]) > 0
-    for item, (height, width) in zip(summary["images"], sizes, strict=True):
-        assert (item["height"], item["width"]) == (height, width)
-        for det in item["detections"]:
-            x0, y0, x1, y1 = det["box"]
-            assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height and det["score"] >= 0.05
-            assert det["class"] in CLASSES
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_dependencies_run_one_way() -> None:
+    """The kit imports no torch and nothing from centerx (onnxruntime only when a session is
+    built); centerx's core never imports the exporter, an ONNX module or onnxruntime."""
+    kit = loaded_modules("import centerx_export.predictor, centerx_export.tensorrt")
+    assert {"centerx_export.predictor", "centerx_export.tensorrt", "cv2"} <= set(kit)
+    assert [m for m in kit if m.split(".")[0] in ("torch", "centerx", "onnxruntime")] == []
+    core = loaded_modules(
+        "import centerx, centerx.engine.evaluate, centerx.engine.trainer, centerx.data.pipeline"
+    )
+    assert {"torch", "centerx.engine.trainer", "centerx_export.imaging"} <= set(core)
+    forbidden = ("centerx.exporter", "centerx_export.onnx", "onnxruntime", "onnx")
+    assert [m for m in core if m.split(".")[0] in forbidden or m.startswith(forbidden)] == []
 
 
 def test_predictor_runs_without_torch(cli_export, tmp_path) -> None:
-    """The deployment kit: the predictor file alone, in a process where torch never loads."""
+    """The deployment kit's files alone, in a process where torch never loads: images and a
+    video."""
     kit = tmp_path / "kit"
     kit.mkdir()
-    shutil.copy(REPO / "export" / "predictor.py", kit / "predictor.py")
+    for name in ("predictor.py", "imaging.py"):
+        shutil.copy(REPO / "export" / name, kit / name)
     shutil.copy(cli_export / "model.onnx", kit / "model.onnx")
     image = SyntheticShapes(1, seed=3, image_size=64).load_image(0)
     cv2.imwrite(str(kit / "image.png"), image[:, :, ::-1])
+    write_video(kit / "clip.avi", frames=3)
     code = (
-        "import sys, predictor\n"
+        "import sys, imaging, predictor\n"
         "detector = predictor.OnnxDetector('model.onnx')\n"
-        "boxes, scores, classes = detector.predict(predictor.read_image('image.png'), 0.0)\n"
+        "boxes, scores, classes = detector.predict(imaging.read_image('image.png'), 0.0)\n"
         "assert len(scores) == 100 and boxes.shape == (100, 4)\n"
-        "assert predictor.main(['--model', 'model.onnx', '--input', 'image.png', '--out', 'o']) == 0\n"
+        "args = ['--model', 'model.onnx', '--input', 'image.png', 'clip.avi', '--out', 'o']\n"
+        "assert predictor.main(args) == 0\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'centerx'))\n"
         "print('LOADED', loaded)\n"
         "assert not loaded, loaded\n"
@@ -561,27 +721,26 @@ def test_predictor_runs_without_torch(cli_export, tmp_path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "LOADED []" in done.stdout
-    assert (kit / "o" / "predictions.json").is_file() and (kit / "o" / "image_pred.png").is_file()
+    summary = json.loads((kit / "o" / "predictions.json").read_text())
+    assert [r.get("frame") for r in summary["images"]] == [None, 0, 1, 2]  # in input order
+    assert (kit / "o" / "image_pred.png").is_file() and count_frames(
+        kit / "o" / "clip_pred.avi"
+    ) == 3
 
 
-def test_predictor_letterbox_is_the_training_letterbox(exports, spread_model) -> None:
-    rng = np.random.default_rng(0)
-    for width, height, size in ((640, 480, 128), (333, 500, 128), (64, 64, 128), (1000, 37, 96)):
-        expected = letterbox_matrix(width, height, size)
-        got = onnx_predictor.letterbox_matrix(width, height, size)
-        assert got.dtype == expected.dtype and (got == expected).all()
-        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        warped, matrix = onnx_predictor.letterbox(image, size)
-        np.testing.assert_array_equal(warped, warp_image(image, expected, size))
-        boxes = rng.uniform(-10, size + 10, (20, 4)).astype(np.float32)
-        boxes[:, 2:] = boxes[:, :2] + rng.uniform(0, 50, (20, 2))
-        np.testing.assert_array_equal(
-            onnx_predictor.to_original(boxes, matrix, width, height),
-            to_original(boxes, expected, width, height),
-        )
-    # predict() on a non-square image == the centerx predict path on the same model.
+def test_one_implementation_of_letterbox_reading_and_drawing(exports, spread_model) -> None:
+    """centerx imports the kit's geometry, image reader and drawing (the kit is the bottom
+    layer), so the deployed predictor and the PyTorch predict path give the same detections."""
+    from centerx.data import base, transforms
+    from centerx.engine import evaluate
     from centerx.engine.predict import predict_image
+    from centerx.utils import visualize
 
+    shared = ("letterbox_matrix", "warp_image", "transform_boxes", "invert_affine", "affine_matrix")
+    assert all(getattr(transforms, name) is getattr(imaging, name) for name in shared)
+    assert evaluate.to_original is imaging.to_original
+    assert base.read_image is imaging.read_image and base.ImageReadError is ImageReadError
+    assert visualize.class_color is imaging.class_color and visualize.save_rgb is imaging.save_rgb
     image = SyntheticShapes(1, seed=4, image_size=160).load_image(0)[:, 30:]
     detector = OnnxDetector(exports["det32"])
     got = detector.predict(image, score_threshold=0.5)
@@ -621,16 +780,20 @@ def test_bad_inputs_give_clear_errors(tmp_path, exports) -> None:
         check_options("detections", "float16", 128, 100, 17)
     with pytest.raises(ExportError, match="opset"):
         check_options("detections", "uint8", 128, 100, 11)
+    with pytest.raises(ExportError, match="layout=centerx orders the outputs of mode=heatmap"):
+        check_options("detections", "uint8", 128, 100, 17, layout="centerx")
+    with pytest.raises(ExportError, match="unknown layout 'centerX'"):
+        check_options("heatmap", "uint8", 128, 100, 17, layout="centerX")
     # The predictor
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\x00" * 64)
     with pytest.raises(ImageReadError, match=r"cannot read image .*broken\.jpg: not a decodable"):
-        onnx_predictor.read_image(broken)
+        imaging.read_image(broken)
     with pytest.raises(ImageReadError, match="file is empty"):
         (tmp_path / "empty.png").write_bytes(b"")
-        onnx_predictor.read_image(tmp_path / "empty.png")
+        imaging.read_image(tmp_path / "empty.png")
     with pytest.raises(ImageReadError, match="No such file"):
-        onnx_predictor.read_image(tmp_path / "nope.png")
+        imaging.read_image(tmp_path / "nope.png")
     with pytest.raises(ModelError, match="ONNX model not found"):
         OnnxDetector(tmp_path / "nope.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"junk")

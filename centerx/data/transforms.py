@@ -8,8 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
+
+# The geometry of one affine per image lives in the deployment kit (the bottom layer), so
+# training, evaluation and the deployed predictor letterbox and map boxes back identically.
+from centerx_export.imaging import affine_matrix as affine_matrix
+from centerx_export.imaging import invert_affine as invert_affine
+from centerx_export.imaging import letterbox_matrix as letterbox_matrix
+from centerx_export.imaging import transform_boxes as transform_boxes
+from centerx_export.imaging import warp_image as warp_image
 
 
 @dataclass(frozen=True)
@@ -18,27 +25,6 @@ class AugmentConfig:
     shift: float = 0.2  # max centre shift as a fraction of the image size
     flip: float = 0.5  # probability of a horizontal flip
     color: float = 0.3  # brightness/contrast/saturation jitter strength (0 disables)
-
-
-def affine_matrix(
-    center: tuple[float, float], crop_side: float, out_size: int, flip: bool = False
-) -> np.ndarray:
-    """2x3 matrix mapping a square of side `crop_side` around `center` onto out_size x out_size."""
-    s = out_size / crop_side
-    sx = -s if flip else s
-    cx, cy = center
-    return np.array(
-        [[sx, 0.0, out_size / 2 - sx * cx], [0.0, s, out_size / 2 - s * cy]], dtype=np.float64
-    )
-
-
-def invert_affine(matrix: np.ndarray) -> np.ndarray:
-    return cv2.invertAffineTransform(np.asarray(matrix, np.float64))
-
-
-def letterbox_matrix(width: int, height: int, out_size: int) -> np.ndarray:
-    """Evaluation transform: the whole image, centred, longer side fitted, no flip."""
-    return affine_matrix((width / 2, height / 2), max(width, height), out_size)
 
 
 def random_affine(
@@ -50,25 +36,6 @@ def random_affine(
         height / 2 + rng.uniform(-config.shift, config.shift) * height,
     )
     return affine_matrix(center, crop_side, out_size, flip=bool(rng.random() < config.flip))
-
-
-def warp_image(image: np.ndarray, matrix: np.ndarray, out_size: int) -> np.ndarray:
-    return cv2.warpAffine(
-        image,
-        matrix,
-        (out_size, out_size),
-        flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=(114, 114, 114),
-    )
-
-
-def transform_boxes(boxes: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Apply an affine to xyxy boxes (exact for scale/shift/flip: corners stay corners)."""
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    corners = boxes[:, [0, 1, 2, 3, 0, 3, 2, 1]].reshape(-1, 4, 2)
-    mapped = corners @ matrix[:, :2].T + matrix[:, 2]
-    return np.concatenate([mapped.min(1), mapped.max(1)], axis=1).astype(np.float32)
 
 
 def clip_boxes(

@@ -10,29 +10,11 @@ import numpy as np
 
 from centerx.utils.metrics_log import read_metrics
 
-# One implementation of the drawing shared with deployment: the kit must stay standalone
+# One implementation of the drawing shared with deployment: the kit is the bottom layer
 # (numpy/OpenCV only), so centerx imports from it, never the other way round.
-from centerx_export.predictor import class_color, save_rgb
-from centerx_export.predictor import draw_detections as draw_boxes
+from centerx_export.imaging import class_color, draw_detections, save_rgb
 
 __all__ = ["class_color", "draw_detections", "image_grid", "plot_curves", "save_rgb"]
-
-
-def draw_detections(
-    image: np.ndarray,
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    classes: np.ndarray,
-    class_names: Sequence[str],
-    title: str | None = None,
-) -> np.ndarray:
-    """Return a copy of an RGB image with labelled boxes (and an optional title bar)."""
-    canvas = draw_boxes(image, boxes, scores, classes, class_names)
-    if title:
-        bar = np.full((22, canvas.shape[1], 3), 255, np.uint8)
-        cv2.putText(bar, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-        canvas = np.concatenate([bar, canvas], 0)
-    return canvas
 
 
 def image_grid(rows: Sequence[Sequence[np.ndarray]], cell: int = 256, pad: int = 4) -> np.ndarray:
