@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 
 log = logging.getLogger("centerx")
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# conf/ is installed as the package centerx.conf: found from any directory, in a wheel too.
+CONF_PACKAGE = "pkg://centerx.conf"
 
 SUBCOMMANDS = {
     "main": "centerx.recipes.main_job:main_job_task",
@@ -40,7 +41,7 @@ def run(name: str) -> None:
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     module, function = SUBCOMMANDS[name].split(":")
 
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=name)
+    @hydra.main(version_base="1.3", config_path=CONF_PACKAGE, config_name=name)
     def entry(cfg: DictConfig) -> None:
         result = getattr(importlib.import_module(module), function)(cfg)
         if result:
