@@ -34,11 +34,10 @@ class LoadedModel:
 
 
 def load_for_inference(cfg: DictConfig) -> LoadedModel:
-    """`checkpoint=PATH.pt` (PyTorch) or `model=PATH.onnx|PATH.pt`; sizes default to the model's own."""
-    path = cfg.get("model") or cfg.get("checkpoint")
-    if not path:
-        raise ValueError("say which model to use: checkpoint=PATH.pt or model=PATH.onnx")
-    path = Path(path)
+    """`checkpoint=PATH.pt` (PyTorch) or `checkpoint=PATH.onnx`; sizes default to the model's own."""
+    if not cfg.get("checkpoint"):
+        raise ValueError("say which model to use: checkpoint=PATH.pt or checkpoint=PATH.onnx")
+    path = Path(cfg.checkpoint)
     if path.suffix == ".onnx":
         from centerx_export.predictor import OnnxDetector
 
@@ -74,7 +73,7 @@ def _model_detections(cfg: DictConfig, split: str) -> tuple[DetectionSource, lis
     detections = predict_source(
         loaded.predictor, source, loaded.image_size, batch_size=cfg.eval.batch_size
     )
-    return source, detections, str(cfg.get("model") or cfg.get("checkpoint"))
+    return source, detections, str(cfg.checkpoint)
 
 
 def eval_task(cfg: DictConfig) -> dict:
@@ -101,7 +100,7 @@ def predict_task(cfg: DictConfig) -> dict:
         raise ValueError("say what to predict on: input=IMAGE_FOLDER_OR_VIDEO")
     loaded = load_for_inference(cfg)
     out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else run_dir()
-    model_name = str(cfg.get("model") or cfg.get("checkpoint"))
+    model_name = str(cfg.checkpoint)
     summary = predict_files(
         loaded.predictor,
         cfg.input,

@@ -7,7 +7,6 @@ or `objective=distill`); everything else is this code.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ from centerx.engine.build import (
     save_config,
     setup_process,
 )
-from centerx.engine.evaluate import Predictor, evaluate_predictor, format_table, torch_predictor
+from centerx.engine.evaluate import Predictor, predict_source, torch_predictor, write_evaluation
 from centerx.engine.predict import predict_image
 from centerx.engine.trainer import Trainer, resolve_device, seed_everything
 from centerx.model.centernet import CenterNet, build_model
@@ -134,19 +133,19 @@ def draw_samples(
 
 
 def finish_run(cfg: DictConfig, out_dir: Path, val_source: DetectionSource) -> dict:
-    """Evaluate checkpoints/best.pt into eval.json, print the table, draw sample detections."""
+    """Evaluate checkpoints/best.pt into eval.json, detections.json and pr_curves.png, print the
+    table, draw sample detections."""
     model, _ = model_from_checkpoint(out_dir / "checkpoints" / "best.pt")
     predictor = torch_predictor(model, k=cfg.eval.top_k, flip=cfg.eval.flip)
-    metrics = evaluate_predictor(
+    detections = predict_source(
         predictor,
         val_source,
         cfg.data.image_size,
         batch_size=cfg.eval.batch_size,
         progress=cfg.train.progress,
     )
+    metrics = write_evaluation(val_source, detections, out_dir, f"{out_dir.name} (best.pt)")
     if dist.is_main():
-        (out_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
-        print(format_table(metrics, title=f"{out_dir.name} (best.pt)"))
         draw_samples(
             predictor,
             val_source,
