@@ -161,7 +161,14 @@ def plan_stages(cfg: DictConfig, teachers: Mapping[str, Mapping], out_dir: Path)
               [*baseline, override("loss.criterion.ignore_unlabelled", False),
                override("data.pseudo_labels", [str(pseudo_label_file(out_dir, t)) for t in teachers])]),
     ]  # fmt: skip
-    return stages
+    wanted = {*teachers, *job.students, *job.baselines}
+    unknown = sorted(set(job.students) - set(STUDENTS) | set(job.baselines) - set(BASELINES))
+    if unknown or "student" not in job.students:
+        raise DatasetError(
+            f"main_job.students must include 'student' and name only {list(STUDENTS)}, "
+            f"main_job.baselines only {list(BASELINES)}; got {unknown or list(job.students)}"
+        )
+    return [stage for stage in stages if stage.name in wanted]
 
 
 def pseudo_label_file(out_dir: Path, teacher: str) -> Path:

@@ -68,39 +68,52 @@ def _fmt(value: float | None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _student_entry(
+    got: float, teacher: float, baselines: Mapping[str, float], ratio: float
+) -> dict:
+    return {
+        "value": got,
+        "ratio": got / teacher if teacher > 0 else None,
+        "keeps": got >= ratio * teacher,
+        # None: no baseline was run, so there is nothing to beat
+        "beats_baselines": all(got > v for v in baselines.values()) if baselines else None,
+    }
+
+
 def summarise(
     results: Mapping[str, dict],
     owner: Mapping[str, str],
     baselines: Sequence[str],
     criteria: Mapping,
 ) -> dict:
-    """Per class: each student against its owner teacher and against every baseline."""
+    """Per class: each student against its owner teacher and against every baseline run."""
     metric = f"per_class_{criteria['metric']}"
+    students = [name for name in ("student", "student_gt") if name in results]
     per_class = {}
     for name, teacher in owner.items():
         value = lambda model, n=name: _number(results[model][metric].get(n))  # noqa: E731
         others = {b: value(b) for b in baselines}
         entry = {"owner": teacher, "teacher": value(teacher), "baselines": others}
-        entry["best_baseline"] = max(others, key=others.get)
-        for student in ("student", "student_gt"):
-            got = value(student)
-            entry[student] = {
-                "value": got,
-                "ratio": got / entry["teacher"] if entry["teacher"] > 0 else None,
-                "keeps": got >= criteria["student_ratio"] * entry["teacher"],
-                "beats_baselines": all(got > v for v in others.values()),
-            }
-        entry["naive_visibly_worse"] = others["naive_merge"] <= criteria["naive_margin"] * value(
-            "student"
+        entry["best_baseline"] = max(others, key=others.get) if others else None
+        for student in students:
+            entry[student] = _student_entry(
+                value(student), entry["teacher"], others, criteria["student_ratio"]
+            )
+        naive = others.get("naive_merge")
+        entry["naive_visibly_worse"] = (
+            None if naive is None else naive <= criteria["naive_margin"] * value("student")
         )
         per_class[name] = entry
     return {
         "metric": criteria["metric"],
         "per_class": per_class,
         "student_criteria": all(
-            c["student"]["keeps"] and c["student"]["beats_baselines"] for c in per_class.values()
+            c["student"]["keeps"] and c["student"]["beats_baselines"] is not False
+            for c in per_class.values()
         ),
-        "naive_visibly_worse": all(c["naive_visibly_worse"] for c in per_class.values()),
+        "naive_visibly_worse": all(
+            c["naive_visibly_worse"] is not False for c in per_class.values()
+        ),
     }
 
 
@@ -123,21 +136,35 @@ def results_table(
     return "\n".join(lines)
 
 
+def _verdict(flag: bool | None) -> str:
+    return "n/a" if flag is None else ("PASS" if flag else "FAIL")
+
+
 def criteria_table(summary: dict) -> str:
-    ok = lambda flag: "PASS" if flag else "FAIL"  # noqa: E731
-    lines = [
-        "| class | owner | owner | student (KD only) | ratio | keeps | beats every baseline | "
-        "student_gt (KD + labels) | ratio | best baseline | naive visibly worse |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+    classes = summary["per_class"]
+    with_gt = all("student_gt" in c for c in classes.values())
+    head = [
+        "class",
+        "owner",
+        "owner's",
+        "student (KD only)",
+        "ratio",
+        "keeps",
+        "beats every baseline",
     ]
-    for name, c in summary["per_class"].items():
-        s, g = c["student"], c["student_gt"]
+    head += ["student_gt (KD + labels)", "ratio"] if with_gt else []
+    head += ["best baseline", "naive visibly worse"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, c in classes.items():
+        s = c["student"]
+        row = [name, c["owner"], f"{c['teacher']:.3f}", f"{s['value']:.3f}", _fmt(s["ratio"]),
+               _verdict(s["keeps"]), _verdict(s["beats_baselines"])]  # fmt: skip
+        if with_gt:
+            row += [f"{c['student_gt']['value']:.3f}", _fmt(c["student_gt"]["ratio"])]
         best = c["best_baseline"]
-        lines.append(
-            f"| {name} | {c['owner']} | {c['teacher']:.3f} | {s['value']:.3f} | {_fmt(s['ratio'])} "
-            f"| {ok(s['keeps'])} | {ok(s['beats_baselines'])} | {g['value']:.3f} | {_fmt(g['ratio'])} "
-            f"| {best} ({c['baselines'][best]:.3f}) | {ok(c['naive_visibly_worse'])} |"
-        )
+        row += ["-" if best is None else f"{best} ({c['baselines'][best]:.3f})"]
+        row += [_verdict(c["naive_visibly_worse"])]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -287,8 +314,8 @@ def render_markdown(ctx: ReportContext, summary: dict, commands: Mapping, extras
         "ratio": f"{float(job.criteria.student_ratio):.0%}",
         "margin": f"{float(job.criteria.naive_margin):.0%}",
         "criteria": criteria_table(summary),
-        "student_verdict": "PASS" if summary["student_criteria"] else "FAIL",
-        "naive_verdict": "PASS" if summary["naive_visibly_worse"] else "FAIL",
+        "student_verdict": _verdict(summary["student_criteria"]),
+        "naive_verdict": _verdict(summary["naive_visibly_worse"]),
         "timings": "\n".join(
             f"| {name} | {seconds:.0f} |" for name, seconds in ctx.timings.items()
         ),
@@ -305,12 +332,12 @@ def render_markdown(ctx: ReportContext, summary: dict, commands: Mapping, extras
 def write_all(ctx: ReportContext) -> dict:
     """Everything after training: criteria, pictures, export, predictions, report files."""
     job = ctx.cfg.main_job
-    summary = summarise(ctx.results, ctx.owner, ("naive_merge", "ignore_unlabelled", "pseudo_label"),
-                        OmegaConf.to_container(job.criteria))  # fmt: skip
+    baselines = [name for name in job.baselines if name in ctx.results]
+    summary = summarise(ctx.results, ctx.owner, baselines, OmegaConf.to_container(job.criteria))
     student = ctx.out_dir / "student" / "checkpoints" / "best.pt"
     state_cfg = OmegaConf.create(model_from_checkpoint(student)[1]["config"]["data"])
     test = build_eval_source(state_cfg, "test", ctx.class_names)
-    columns = [*ctx.teachers, "student", "naive_merge"]
+    columns = [*ctx.teachers, "student", *(["naive_merge"] if "naive_merge" in ctx.results else [])]
     comparison_grid(ctx, test, columns)
     onnx_path, export_command = export_student(ctx)
     predict_command = predict_heldout(ctx, test, onnx_path or student)
