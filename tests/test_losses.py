@@ -1,4 +1,5 @@
-"""Loss functions against hand computations: focal loss, masked L1, the CenterNet objective."""
+"""Loss functions against hand computations: focal loss, masked L1, the CenterNet objective,
+the heatmap KD losses."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import math
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
+from centerx.losses import distill
 from centerx.losses.centernet_loss import CenterNetLoss
+from centerx.losses.distill import heatmap_kd_focal, heatmap_kd_mse, teacher_peak_mass
 from centerx.losses.focal import focal_loss
 from centerx.losses.regression import masked_l1
 
@@ -215,3 +219,102 @@ def test_centernet_loss_terms(wh_relative: bool, ignore_unlabelled: bool) -> Non
     # ignore_unlabelled really changes the class term (sample 0 does not label class 1).
     other = CenterNetLoss(wh_relative=wh_relative, ignore_unlabelled=not ignore_unlabelled)
     assert float(other(outputs, batch)["cls"]) != pytest.approx(float(terms["cls"]), rel=1e-3)
+
+
+# ------------------------------------------------------------------------------ heatmap KD
+
+
+def _kd_case(seed: int = 0, shape: tuple[int, ...] = (2, 3, 16, 16)) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen) * 3, torch.rand(shape, generator=gen)
+
+
+def test_heatmap_kd_focal_hand_computed_and_normalised_by_teacher_peak_mass() -> None:
+    logits = [1.0, -2.0, -4.0, 3.0, 0.0]
+    teacher = [0.9, 0.1, 0.8, 0.0, 0.3]  # local maxima 0.9, 0.8 and 0.3: peak mass 2.0
+    expected = 0.0
+    for logit, q in zip(logits, teacher, strict=True):
+        p = _sigmoid(logit)
+        expected += (q - p) ** 2 * -(q * math.log(p) + (1 - q) * math.log(1 - p))
+    value = heatmap_kd_focal(
+        torch.tensor(logits).view(1, 1, 1, 5), torch.tensor(teacher).view(1, 1, 1, 5)
+    )
+    assert float(value) == pytest.approx(expected / 2.0, rel=1e-5)
+
+
+def test_heatmap_kd_focal_is_zero_only_when_student_equals_teacher() -> None:
+    logits, _ = _kd_case()
+    assert float(heatmap_kd_focal(logits, torch.sigmoid(logits))) == 0.0
+    probs = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
+    assert float(heatmap_kd_focal(torch.logit(probs), probs)) < 1e-6
+    assert float(heatmap_kd_focal(logits + 0.1, torch.sigmoid(logits))) > 1e-6
+
+
+def test_heatmap_kd_focal_is_finite_and_points_the_right_way_for_extreme_logits() -> None:
+    logits = torch.tensor([-30.0, 30.0, 30.0, -30.0, 30.0, -30.0]).view(1, 1, 1, 6)
+    teacher = torch.tensor([0.7, 0.0, 1.0, 0.0, 0.7, 1e-3]).view(1, 1, 1, 6)
+    logits.requires_grad_(True)
+    loss = heatmap_kd_focal(logits, teacher)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    grad = logits.grad.flatten()
+    assert grad[0] < 0  # a missed peak is pulled up, with no vanishing factor
+    assert grad[1] > 0 and grad[4] > 0  # confident false positives are pushed down
+    assert float(loss.detach()) > 30 * 0.7**3  # the missed peak alone: |0.7 - 0|^2 * 30 * 0.7
+
+
+@pytest.mark.parametrize("loss", [heatmap_kd_focal, heatmap_kd_mse])
+def test_heatmap_kd_gradient_matches_finite_differences(loss) -> None:
+    logits, teacher = _kd_case(1, (1, 2, 3, 3))
+    logits = logits.double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: loss(z, teacher.double()), (logits,))
+
+
+def test_heatmap_kd_focal_does_not_depend_on_map_size_or_batch_copies() -> None:
+    logits, teacher = _kd_case(2, (1, 2, 8, 8))
+    small = heatmap_kd_focal(logits, teacher)
+    # The same content inside a 4x larger map whose extra background the student gets right.
+    big_teacher = torch.full((1, 2, 32, 32), 1e-3)
+    big_logits = torch.logit(big_teacher)
+    big_teacher[..., :8, :8], big_logits[..., :8, :8] = teacher, logits
+    # (the border's flat 1e-3 is a plateau of local maxima, all below 0.1: they do not count)
+    assert float(heatmap_kd_focal(big_logits, big_teacher)) == pytest.approx(float(small), rel=1e-4)
+    doubled = heatmap_kd_focal(logits.repeat(2, 1, 1, 1), teacher.repeat(2, 1, 1, 1))
+    assert float(doubled) == pytest.approx(float(small), rel=1e-6)
+
+
+def test_heatmap_kd_mse_is_the_mean_squared_probability_error() -> None:
+    logits, teacher = _kd_case(3)
+    expected = ((torch.sigmoid(logits) - teacher) ** 2).mean()
+    assert float(heatmap_kd_mse(logits, teacher)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(heatmap_kd_mse(logits, torch.sigmoid(logits))) == 0.0
+
+
+@pytest.mark.parametrize("name", ["heatmap_kd_focal", "heatmap_kd_mse"])
+def test_heatmap_kd_losses_are_selected_by_target_and_share_one_signature(name: str) -> None:
+    loss = instantiate({"_target_": f"centerx.losses.distill.{name}", "_partial_": True})
+    logits, teacher = _kd_case(4)
+    value = loss(logits.half(), teacher)  # fp16 logits are computed in fp32
+    assert value.dtype == torch.float32 and value.ndim == 0
+    assert float(value) == pytest.approx(float(getattr(distill, name)(logits, teacher)), rel=1e-3)
+    with pytest.raises(ValueError, match="differ in shape"):
+        loss(logits, teacher[:, :2])
+
+
+def test_heatmap_kd_focal_beta_is_configurable() -> None:
+    loss = instantiate(
+        {"_target_": "centerx.losses.distill.heatmap_kd_focal", "_partial_": True, "beta": 1.0}
+    )
+    logits, teacher = _kd_case(5)
+    assert float(loss(logits, teacher)) == pytest.approx(
+        float(heatmap_kd_focal(logits, teacher, beta=1.0)), rel=1e-6
+    )
+    assert float(loss(logits, teacher)) != pytest.approx(float(heatmap_kd_focal(logits, teacher)))
+
+
+def test_teacher_peak_mass_counts_peaks_from_the_prior_up_and_at_least_one() -> None:
+    teacher = torch.full((2, 1, 20, 20), 1e-3)  # a flat background: every cell a local maximum
+    assert float(teacher_peak_mass(teacher)) == 1.0
+    teacher[0, 0, 5, 5], teacher[0, 0, 15, 15], teacher[1, 0, 10, 10] = 0.7, 0.6, 0.9
+    teacher[1, 0, 10, 11] = 0.8  # a shoulder, not a peak
+    assert float(teacher_peak_mass(teacher)) == pytest.approx(0.7 + 0.6 + 0.9)

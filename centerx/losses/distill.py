@@ -1,24 +1,49 @@
 """Knowledge-distillation losses between a student CenterNet and a frozen teacher.
 
 Pure functions on tensors; the channel bookkeeping (which student class a teacher
-owns, under which name) lives in `centerx.engine.distill`. Every function here
+owns, under which name) lives in the distillation objective. Every function here
 expects the *owned* channels already gathered, student and teacher in the same order.
 
-Heatmap: MSE between probabilities (sigmoid), not logits, and not focal loss or BCE.
-    * The teacher's heatmap is a soft target (peaks of 0.6, Gaussian shoulders, a
-      background near 0). The focal loss needs exact 1s to find its positives and a
-      soft map has almost none. BCE towards soft targets bottoms out at the teacher's
-      entropy, not at 0, so its value does not measure the gap; the fixed-magnitude
-      weighter divides each term by its value, and a constant floor would make it
-      scale the real signal by an arbitrary amount. MSE is 0 exactly when they agree
-      (a student identical to its teacher scores exactly zero).
-    * Probabilities are what decoding reads. On logits, MSE would make the student
-      copy arbitrarily negative background logits (-12 against -9: no visible
-      difference, yet a large loss that would dominate the term); on probabilities
-      the background where both are ~0 costs ~0 and the gradient w.r.t. the logit,
-      2 (p - q) p (1 - p), is tiny there, so the ~99 % background pixels do not swamp
-      the few that matter (objects, and false positives of either net).
-    * It is bounded (<= 1 per pixel), so one confident disagreement cannot blow up a step.
+Heatmap: a quality focal loss on the student's logits (`heatmap_kd_focal`, the default),
+or the MSE on probabilities that centerX uses (`heatmap_kd_mse`, kept for comparison).
+Both take (student logits [B,K,H,W], teacher probabilities [B,K,H,W]) -> scalar, so the
+objective's `heatmap_loss` picks one by `_target_`.
+    * The focal loss is Generalized Focal Loss's quality focal loss with the teacher's
+      probability q as the soft target, summed over cells and divided by the teacher's
+      peak mass:
+
+          sum |q - p|^beta * BCE(p, q)  /  max(1, sum of q at its 3x3 local maxima >= 0.1)
+
+      p = sigmoid(student logit); BCE is computed from the logits (the log-sum-exp form of
+      `binary_cross_entropy_with_logits`), so it is finite for any logit.
+    * Why not MSE: its gradient on a logit, 2 (p - q) p (1 - p), vanishes as p -> 0. Once the
+      ~99 % background has pushed a channel to p ~ 0.01, the pull at the teacher's peak is
+      ~50x weaker than a cross-entropy's, so that channel's share of the gradient on the
+      shared features is negligible next to the other classes' and terms', and those features
+      never learn it. On real photos (80x80 maps, one object) a student class stayed at
+      p ~ 0.01 for a third of training.
+    * Why not plain BCE, or KL (BCE minus the teacher's entropy): the gradient, p - q, does
+      not vanish, but while a channel is flat it weighs peak against background cells just as
+      MSE does (MSE only multiplies every cell by the same p(1-p)), so the thousands of
+      background cells still dominate. The focal factor |q - p|^beta silences the background
+      the student already gets right (gradient there ~(beta + 1) p^(beta + 1)), while the
+      pull at a missed peak tends to q^(beta + 1) as p -> 0, not 0. Plain BCE also bottoms
+      out at the teacher's entropy, not 0; this loss is exactly 0 when the student equals
+      the teacher, which the adaptive weighter (it divides each term by its value) needs.
+    * Measured on a toy that reproduces the stall (scripts/kd_stall.py: an 80x80 map, one
+      0.7 peak of class A, a second class sharing the hidden features, AdamW, 6 seeds): from
+      the 0.1 prior the class-A channel reaches 0.5 at the peak within 22-76 steps under this
+      loss; under MSE it first sinks to ~0.001-0.06 and 5 of 6 seeds never get there in 300
+      steps (the sixth after 159; KL: 2 of 6 never, the others after 157-261). Without the
+      second class MSE gets there in 120-280 steps (this loss: 21-68): the competition for
+      shared features is what turns slow into stalled.
+    * Normalising by the teacher's peak mass, like CenterNet's focal loss divides by the
+      number of objects, makes the value independent of the map size and of how much of it
+      is background. Only peaks of at least the heads' prior (0.1) count: a trained teacher's
+      background has a local maximum every few cells, and at 1e-3 each they would add about
+      as much as one object per 80x80 map. A teacher with nothing to show counts 1.
+    * `heatmap_kd_mse` is the mean over every element of (p - q)^2: bounded, 0 when they
+      agree, but prone to the stall above.
 
 wh and offset: L1 at every pixel, weighted by the teacher's peak-masked heatmap.
     * A teacher's wh/offset outputs mean something only at its own object centres:
@@ -47,6 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from centerx.model.decode import peak_mask
+from centerx.model.heads import HEATMAP_PRIOR
 
 EPS = 1e-6
 
@@ -58,18 +84,66 @@ def _check_same_shape(student: torch.Tensor, teacher: torch.Tensor, what: str) -
         )
 
 
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 (the losses sum thousands of cells); fp64 stays fp64 (gradcheck)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def teacher_peak_mass(
+    teacher_probs: torch.Tensor, min_peak: float = HEATMAP_PRIOR, kernel: int = 3
+) -> torch.Tensor:
+    """Sum of the teacher's probabilities at its kxk local maxima scoring >= `min_peak`, at
+    least 1: the soft number of objects it sees in the batch (all classes), a heatmap loss's
+    normaliser. Without `min_peak` the background would count: a flat or noisy 1e-3
+    background has a local maximum every few cells, as much mass per 80x80 map as an object."""
+    peaks = peak_mask(teacher_probs.detach(), kernel)
+    return torch.where(peaks >= min_peak, peaks, torch.zeros_like(peaks)).sum().clamp(min=1.0)
+
+
+def heatmap_kd_focal(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, beta: float = 2.0
+) -> torch.Tensor:
+    """Quality focal loss towards the teacher's probabilities, per teacher peak:
+
+        sum |q - p|^beta * BCE(p, q) / max(1, peak mass of q)
+
+    student_logits: [B,K,H,W] logits; teacher_probs: [B,K,H,W] probabilities q (no gradient);
+    p = sigmoid(logits). Exactly 0 when p == q, positive otherwise; finite for any logit.
+    Computed in fp32 at least. `beta` >= 1 keeps the gradient continuous at p == q.
+    """
+    _check_same_shape(student_logits, teacher_probs, "heatmap_kd_focal")
+    logits = _at_least_fp32(student_logits)
+    target = teacher_probs.detach().to(logits.dtype)
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    focal = (target - torch.sigmoid(logits)).abs().pow(beta)
+    return (focal * cross_entropy).sum() / teacher_peak_mass(target)
+
+
+def heatmap_kd_mse(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """centerX's heatmap KD: mean over every element of (sigmoid(logits) - q)^2.
+
+    student_logits, teacher_probs: [B,K,H,W]. Kept for comparison: it stalls on sparse maps
+    (see the module docstring).
+    """
+    _check_same_shape(student_logits, teacher_probs, "heatmap_kd_mse")
+    return _probability_mse(torch.sigmoid(_at_least_fp32(student_logits)), teacher_probs)
+
+
+def _probability_mse(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    student_probs = _at_least_fp32(student_probs)
+    return F.mse_loss(student_probs, teacher_probs.detach().to(student_probs.dtype))
+
+
 def heatmap_kd(
     student: torch.Tensor, teacher_probs: torch.Tensor, student_is_logits: bool = True
 ) -> torch.Tensor:
-    """Mean squared error between student and teacher heatmap probabilities.
-
-    student: [B,K,H,W] logits (sigmoid applied here) or probabilities when
-    `student_is_logits=False`; teacher_probs: [B,K,H,W] probabilities (no gradient).
-    The mean is over every element, so the value does not depend on the batch or grid size.
-    """
+    """Deprecated: the old name of `heatmap_kd_mse` (probabilities allowed with
+    `student_is_logits=False`), kept only until its last callers select `heatmap_kd_mse` or
+    `heatmap_kd_focal`; remove it then."""
+    if student_is_logits:
+        return heatmap_kd_mse(student, teacher_probs)
     _check_same_shape(student, teacher_probs, "heatmap_kd")
-    student_probs = torch.sigmoid(student.float()) if student_is_logits else student.float()
-    return F.mse_loss(student_probs, teacher_probs.detach().float())
+    return _probability_mse(student, teacher_probs)
 
 
 def teacher_peak_weight(teacher_probs: torch.Tensor, kernel: int = 3) -> torch.Tensor:
