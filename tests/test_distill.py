@@ -19,7 +19,7 @@ from centerx.data.synthetic import SyntheticShapes
 from centerx.engine.build import build_sources, build_train_loader
 from centerx.engine.training import train_model
 from centerx.losses.centernet_loss import CenterNetLoss
-from centerx.losses.distill import heatmap_kd, masked_dense_l1, teacher_peak_weight
+from centerx.losses.distill import heatmap_kd_focal, masked_dense_l1, teacher_peak_weight
 from centerx.losses.focal import focal_loss
 from centerx.model.centernet import build_model
 from centerx.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -132,18 +132,6 @@ def trained_teacher(tmp_path_factory) -> str:
 # ---------------------------------------------------------------------------------------------
 # KD losses on hand-made tensors
 # ---------------------------------------------------------------------------------------------
-
-
-def test_heatmap_kd_is_mse_on_probabilities() -> None:
-    probs = torch.rand(2, 3, 8, 8).clamp(0.01, 0.99)
-    assert float(heatmap_kd(torch.logit(probs), probs)) < 1e-12
-    assert float(heatmap_kd(probs, probs, student_is_logits=False)) == 0.0
-    # logits 0 -> p = 0.5 everywhere against a teacher at 0: (0.5 - 0)^2
-    assert float(heatmap_kd(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4))) == pytest.approx(
-        0.25
-    )
-    with pytest.raises(ValueError, match="differ in shape"):
-        heatmap_kd(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4))
 
 
 def test_teacher_peak_weight_keeps_peaks_max_over_classes() -> None:
@@ -260,7 +248,7 @@ def test_kd_is_zero_when_student_equals_teacher(tmp_path: Path, case: str) -> No
                 TeacherSpec("t1", path, {"square": "sq"}),
                 TeacherSpec("t2", path, {"triangle": "tri", "circle": "circ"}),
             ]
-    objective = DistillObjective(load_teachers(specs, CLASSES, SIZE, "cpu"), CLASSES, heatmap_kd)
+    objective = DistillObjective(load_teachers(specs, CLASSES, SIZE, "cpu"), CLASSES, heatmap_kd_focal)
     terms = objective(student, {"image": images()})
     assert set(terms) == {"kd_heatmap", "kd_wh", "kd_offset"}
     for name, value in terms.items():
@@ -301,8 +289,8 @@ def test_uncovered_class_is_an_error_in_kd_only_mode(random_teacher: str) -> Non
         [TeacherSpec("t", random_teacher, {"circle": "circle"})], CLASSES, SIZE, "cpu"
     )
     with pytest.raises(ValueError, match=r"\['square', 'triangle'\].*KD-only"):
-        DistillObjective(teachers, CLASSES, heatmap_kd)
-    with_gt = DistillObjective(teachers, CLASSES, heatmap_kd, gt_criterion=CenterNetLoss())
+        DistillObjective(teachers, CLASSES, heatmap_kd_focal)
+    with_gt = DistillObjective(teachers, CLASSES, heatmap_kd_focal, gt_criterion=CenterNetLoss())
     assert with_gt.uncovered == ["square", "triangle"]
 
 
@@ -400,7 +388,7 @@ def test_kd_only_never_reads_labels(random_teacher: str) -> None:
         [TeacherSpec("t", random_teacher, {c: c for c in CLASSES})], CLASSES, SIZE, "cpu"
     )
     student = build_model(model_cfg(), 3).train()
-    terms = DistillObjective(teachers, CLASSES, heatmap_kd)(
+    terms = DistillObjective(teachers, CLASSES, heatmap_kd_focal)(
         student, {"image": images()}
     )  # no labels at all
     assert set(terms) == {"kd_heatmap", "kd_wh", "kd_offset"}
@@ -414,7 +402,7 @@ def test_kd_plus_gt_counts_negatives_only_for_labelled_classes(random_teacher: s
         [TeacherSpec("t", random_teacher, {"square": "square"})], CLASSES, SIZE, "cpu"
     )
     criterion = CenterNetLoss(ignore_unlabelled=False)
-    objective = DistillObjective(teachers, CLASSES, heatmap_kd, gt_criterion=criterion)
+    objective = DistillObjective(teachers, CLASSES, heatmap_kd_focal, gt_criterion=criterion)
     assert criterion.ignore_unlabelled is False  # the caller's criterion is not modified
     torch.manual_seed(4)
     student = build_model(model_cfg(), 3).eval()
@@ -444,7 +432,7 @@ def test_self_distillation_teaches_and_teachers_stay_frozen(
 
     # A fixed batch and the fresh student distill_model will build (same seed, same init).
     batch = next(iter(build_train_loader(cfg.data, train_source, cfg.train.batch_size, cfg.seed)))
-    probe = DistillObjective(load_teachers(specs, CLASSES, SIZE, "cpu"), CLASSES, heatmap_kd)
+    probe = DistillObjective(load_teachers(specs, CLASSES, SIZE, "cpu"), CLASSES, heatmap_kd_focal)
     torch.manual_seed(cfg.seed)
     fresh = build_model(cfg.model, 3)
     initial = state_copy(fresh)
@@ -523,7 +511,7 @@ def test_collate_batches_work_with_the_objective(random_teacher: str) -> None:
     teachers = load_teachers(
         [TeacherSpec("t", random_teacher, {c: c for c in CLASSES})], CLASSES, SIZE, "cpu"
     )
-    terms = DistillObjective(teachers, CLASSES, heatmap_kd, CenterNetLoss())(
+    terms = DistillObjective(teachers, CLASSES, heatmap_kd_focal, CenterNetLoss())(
         build_model(model_cfg(), 3), batch
     )
     assert len(terms) == 6

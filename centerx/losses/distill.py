@@ -126,24 +126,8 @@ def heatmap_kd_mse(student_logits: torch.Tensor, teacher_probs: torch.Tensor) ->
     (see the module docstring).
     """
     _check_same_shape(student_logits, teacher_probs, "heatmap_kd_mse")
-    return _probability_mse(torch.sigmoid(_at_least_fp32(student_logits)), teacher_probs)
-
-
-def _probability_mse(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-    student_probs = _at_least_fp32(student_probs)
+    student_probs = torch.sigmoid(_at_least_fp32(student_logits))
     return F.mse_loss(student_probs, teacher_probs.detach().to(student_probs.dtype))
-
-
-def heatmap_kd(
-    student: torch.Tensor, teacher_probs: torch.Tensor, student_is_logits: bool = True
-) -> torch.Tensor:
-    """Deprecated: the old name of `heatmap_kd_mse` (probabilities allowed with
-    `student_is_logits=False`), kept only until its last callers select `heatmap_kd_mse` or
-    `heatmap_kd_focal`; remove it then."""
-    if student_is_logits:
-        return heatmap_kd_mse(student, teacher_probs)
-    _check_same_shape(student, teacher_probs, "heatmap_kd")
-    return _probability_mse(student, teacher_probs)
 
 
 def teacher_peak_weight(teacher_probs: torch.Tensor, kernel: int = 3) -> torch.Tensor:
