@@ -2,29 +2,43 @@
 
     bash run.sh bench                                           # the default (tiny) config
     bash run.sh bench model.backbone=resnet18 data.image_size=256 train.batch_size=8 --json out.json
+    bash run.sh bench experiment=fruits data.root=../shared/datasets/fruits
 
-Measures, for the composed `train` config (conf/train.yaml + overrides):
+Measures, for the composed `train` config (conf/train.yaml + overrides), on one fixed augmented
+batch:
 
-* training images/s of the full step the trainer runs (Trainer._step: forward, loss, backward,
-  gradient clipping, optimizer and scheduler step, EMA when on) on one fixed augmented batch,
-  with and without gradient checkpointing (model.grad_checkpoint);
+* `centerx`: images/s of the full step the trainer runs (Trainer._step: forward, loss,
+  backward, gradient clipping, optimizer and scheduler step, EMA when on, the NaN guard and its
+  BatchNorm-buffer copy), as configured (train.amp, train.channels_last, ...);
+* `grad_checkpoint`: the same with model.grad_checkpoint=true;
+* `pytorch`: the same model trained by a plain PyTorch loop, written here (PlainLoop): model
+  forward, the same CenterNet loss and term weights, loss.backward(), AdamW step. It lacks,
+  against `centerx`: the NaN guard (finite checks, BatchNorm buffers copied each step), gradient
+  clipping, the learning-rate schedule, EMA, and weight decay split by parameter kind (all of
+  which cost centerx time); it runs in PyTorch's defaults: float32, NCHW (contiguous) layout.
+  So centerx is faster only through the flags it is run with: train.channels_last=true (NHWC
+  convolutions: ~1.3x on this CPU) or train.amp (bf16/fp16 autocast, a GPU's gain);
 * data-pipeline images/s of ONE worker: TrainingDataset.__getitem__ (read/render, augment,
-  targets) + collate of one batch in this process;
-* the ratio of pipeline to training throughput, per worker and for data.num_workers workers
-  (>1 means the loader keeps up; on CPU the workers also compete with training for cores);
+  targets) + collate of one batch in this process, and its ratio to training throughput, per
+  worker and for data.num_workers workers (>1: the loader keeps up; on CPU the workers also
+  compete with training for cores).
 
-  All three are measured side by side: after a warm-up, each timed training step of one
-  variant is next to one of the other and to one pipeline batch (rotating order); a repeat is
-  `--steps` such rounds. Reported: the median over repeats of images/s, and ratios as the
-  median over repeats of the ratio within each repeat (robust to load that changes between
-  repeats: on a shared machine, trust the ratios more than the absolute numbers);
-* peak memory of a training step. CUDA: torch.cuda.max_memory_allocated. CPU: there is no
-  allocator peak counter, and getrusage's ru_maxrss is process-wide, only grows, and on Linux
-  even survives fork+exec (a child reports at least its parent's size). So each variant runs
-  in a fresh subprocess that resets its peak RSS (VmHWM, via /proc/self/clear_refs) right
-  before 3 training steps and reports how far it rose above the RSS at that point: what
-  training adds (activations, gradients, optimizer state). RSS over-counts live tensors (malloc
-  keeps freed pages) but both variants are measured the same way.
+  All are measured side by side: after a warm-up, each timed step of one is next to one of each
+  other (rotating order); a repeat is `--steps` such rounds. Reported: the median over repeats
+  of images/s, and ratios as the median over repeats of the ratio within each repeat (robust to
+  load that changes between repeats: on a shared machine, trust the ratios more than the
+  absolute numbers);
+* peak memory of a training step, centerx with and without gradient checkpointing. CUDA:
+  torch.cuda.max_memory_allocated. CPU: there is no allocator peak counter, and getrusage's
+  ru_maxrss is process-wide, only grows, and on Linux even survives fork+exec (a child reports
+  at least its parent's size). So each variant runs in a fresh subprocess that resets its peak
+  RSS (VmHWM, via /proc/self/clear_refs) right before 3 training steps and reports how far it
+  rose above the RSS at that point: what training adds (activations, gradients, optimizer
+  state). Twice: with glibc's heap told to hand every freed block of 128 KiB or more back to
+  the system (MALLOC_MMAP_THRESHOLD_), so the RSS peak is what the tensors need, like
+  max_memory_allocated on CUDA; and with glibc's default heap, whose dynamic threshold keeps
+  freed blocks up to 32 MiB for reuse (for ResNet-18 at 256 px, batch 8: ~250 MiB more RSS,
+  the same with and without checkpointing, which dilutes the relative saving).
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +64,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from centerx.data.pipeline import TrainingDataset, collate
-from centerx.engine.build import build_train_loader
-from centerx.engine.trainer import SupervisedObjective, Trainer, seed_everything
+from centerx.engine import training
+from centerx.engine.build import build_sources
+from centerx.engine.trainer import Trainer, seed_everything
 from centerx.model.centernet import build_model
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-VARIANTS = {"plain": False, "grad_checkpoint": True}
+VARIANTS = {"centerx": False, "grad_checkpoint": True}  # Trainer runs: model.grad_checkpoint
+PLAIN = "pytorch"
+PIPELINE = "pipeline"
+# CenterNet's own weights, for a loss config without fixed ones (loss=adaptive).
+CENTERNET_WEIGHTS = {"cls": 1.0, "wh": 0.1, "offset": 1.0}
+# glibc: allocations from this size on are mmapped and unmapped on free (see the docstring).
+HEAPS = {"returned": {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}, "default": {}}
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -74,22 +96,36 @@ def training_dataset(cfg: DictConfig, source) -> TrainingDataset:
 
 
 def build_trainer(cfg: DictConfig, grad_checkpoint: bool, run_dir: Path) -> Trainer:
-    """The real Trainer (optimizer, schedule, EMA, NaN guard) around a fresh model."""
+    """The real Trainer (objective, optimizer, schedule, EMA, NaN guard) around a fresh model,
+    built as `bash run.sh train` builds it."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     cfg.model.grad_checkpoint = grad_checkpoint
-    seed_everything(cfg.seed)
-    source = instantiate(cfg.data.train)
-    model = build_model(cfg.model, source.num_classes)
-    return Trainer(
-        model,
-        SupervisedObjective(instantiate(cfg.loss.criterion)),
-        instantiate(cfg.loss.weighter),
-        build_train_loader(cfg, source),  # only its length is used (the schedule)
-        cfg.train,
-        run_dir,
-        checkpoint_meta={},
-        evaluate=None,
-    )
+    train_source, val_source = build_sources(cfg.data)
+    return training.build_trainer(cfg, train_source, val_source, run_dir)
+
+
+class PlainLoop:
+    """The same model and loss trained the way a plain PyTorch script does it (see the module
+    docstring for what it lacks against the Trainer)."""
+
+    def __init__(self, cfg: DictConfig, num_classes: int) -> None:
+        seed_everything(cfg.seed)
+        self.device = torch.device(cfg.train.device)
+        model_cfg = OmegaConf.merge(cfg.model, {"grad_checkpoint": False})
+        self.model = build_model(model_cfg, num_classes).to(self.device).train()
+        self.criterion = instantiate(cfg.loss.criterion)
+        self.weights = dict(cfg.loss.weighter.get("weights") or CENTERNET_WEIGHTS)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        )
+
+    def step(self, batch: dict) -> float:
+        terms = self.criterion(self.model(batch["image"]), batch)
+        loss = sum(self.weights[name] * value for name, value in terms.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
 
 
 def fixed_batch(cfg: DictConfig) -> dict:
@@ -111,6 +147,17 @@ def run_steps(trainer: Trainer, batch: dict, steps: int) -> tuple[float, int]:
     for _ in range(steps):
         skipped += trainer._step(batch) is None
     synchronize(trainer.device)
+    return time.perf_counter() - start, skipped
+
+
+def run_plain_steps(loop: PlainLoop, batch: dict, steps: int) -> tuple[float, int]:
+    """Seconds for `steps` plain-loop steps; and how many had a non-finite loss."""
+    skipped = 0
+    synchronize(loop.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        skipped += not torch.isfinite(torch.tensor(loop.step(batch)))
+    synchronize(loop.device)
     return time.perf_counter() - start, skipped
 
 
@@ -171,35 +218,57 @@ def memory_probe(cfg: DictConfig, variant: str, steps: int) -> dict:
     }
 
 
-def measure_memory(cfg: DictConfig, overrides: list[str], trainers: dict, batch: dict, steps: int):
-    device = next(iter(trainers.values())).device
+def probe_in_subprocess(variant: str, heap: str, overrides: list[str], steps: int) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", variant]
+    command += ["--steps", str(steps), *overrides]
+    env = {**os.environ, **HEAPS[heap]}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe {variant} ({heap} heap) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(overrides: list[str], trainers: dict, batch: dict, steps: int) -> dict:
+    """Per variant: {"cuda": {...}} on CUDA, else {heap: probe result} for each of HEAPS."""
     results = {}
     for variant, trainer in trainers.items():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        if trainer.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.device)
             run_steps(trainer, batch, steps)
+            peak = torch.cuda.max_memory_allocated(trainer.device) / 2**20
+            results[variant] = {"cuda": {"max_memory_allocated_mb": peak}}
+        else:
             results[variant] = {
-                "max_memory_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20
+                heap: probe_in_subprocess(variant, heap, overrides, steps) for heap in HEAPS
             }
-            continue
-        command = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--memory-probe",
-            variant,
-            "--steps",
-            str(steps),
-            *overrides,
-        ]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"memory probe {variant} failed:\n{done.stderr[-3000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     return results
 
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
+
+
+def timed_rounds(
+    runners: dict[str, Callable[[int], tuple[float, int]]], steps: int, repeats: int
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Seconds per repeat of each runner (runner(k) times one step or batch, k counts calls),
+    interleaved at the finest grain: every timed call of one runner sits next to one of each
+    other (order rotating), so a burst of load from other processes hits all alike."""
+    names = list(runners)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    skipped = dict.fromkeys(names, 0)
+    for repeat in range(repeats):
+        totals = dict.fromkeys(names, 0.0)
+        for step in range(steps):
+            k = repeat * steps + step
+            shift = k % len(names)
+            for name in names[shift:] + names[:shift]:
+                elapsed, bad = runners[name](k)
+                totals[name] += elapsed
+                skipped[name] += bad
+        for name in names:
+            seconds[name].append(totals[name])
+    return seconds, skipped
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -211,54 +280,50 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {name: build_trainer(cfg, flag, Path(tmp)) for name, flag in VARIANTS.items()}
-        device = trainers["plain"].device
-        batch = trainers["plain"]._to_device(fixed_batch(cfg))
+        reference = trainers["centerx"]
+        batch = reference._to_device(fixed_batch(cfg))
+        plain = PlainLoop(cfg, len(reference.meta["class_names"]))
+        plain_batch = {k: v.to(plain.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        plain_batch["image"] = plain_batch["image"].contiguous()  # PyTorch's default layout
         dataset = training_dataset(cfg, instantiate(cfg.data.train))
 
-        for trainer in trainers.values():  # allocator, kernel caches, optimizer state
-            run_steps(trainer, batch, args.warmup)
-        pipeline_seconds(dataset, batch_size, batch_size, offset=0)
+        runners: dict[str, Callable[[int], tuple[float, int]]] = {
+            name: (lambda k, t=trainer: run_steps(t, batch, 1))
+            for name, trainer in trainers.items()
+        }
+        runners[PLAIN] = lambda k: run_plain_steps(plain, plain_batch, 1)
+        runners[PIPELINE] = lambda k: (
+            pipeline_seconds(dataset, batch_size, batch_size, offset=(k + 1) * batch_size),
+            0,
+        )
+        for name, runner in runners.items():  # allocator, kernel caches, optimizer state
+            for k in range(args.warmup if name != PIPELINE else 1):
+                runner(-1 - k)
+        seconds, skipped = timed_rounds(runners, args.steps, args.repeats)
+        memory = measure_memory(args.overrides, trainers, batch, steps=3)
 
-        # Interleaved at the finest grain: every timed step of one variant sits next to one
-        # of the other and to one pipeline batch (order rotating), so a burst of load from
-        # other processes hits all three alike. A repeat = `steps` such rounds.
-        names = [*VARIANTS, "pipeline"]
-        rates: dict[str, list[float]] = {name: [] for name in names}
-        skipped = dict.fromkeys(VARIANTS, 0)
-        for repeat in range(args.repeats):
-            totals = dict.fromkeys(names, 0.0)
-            for step in range(args.steps):
-                k = repeat * args.steps + step
-                for name in names[k % 3 :] + names[: k % 3]:
-                    if name == "pipeline":
-                        offset = (k + 1) * batch_size  # new images each time
-                        totals[name] += pipeline_seconds(dataset, batch_size, batch_size, offset)
-                    else:
-                        seconds, bad = run_steps(trainers[name], batch, 1)
-                        totals[name] += seconds
-                        skipped[name] += bad
-            for name in names:
-                rates[name].append(args.steps * batch_size / totals[name])
+    rates = {
+        name: [args.steps * batch_size / s for s in values] for name, values in seconds.items()
+    }
 
-        memory = measure_memory(cfg, args.overrides, trainers, batch, steps=3)
-
-    def paired(numerator: str) -> float:
-        """Median over repeats of the ratio measured within each repeat."""
-        return median([a / b for a, b in zip(rates[numerator], rates["plain"], strict=True)])
+    def paired(numerator: str, denominator: str) -> float:
+        """Median over repeats of the speed ratio measured within each repeat."""
+        pairs = zip(rates[numerator], rates[denominator], strict=True)
+        return median([a / b for a, b in pairs])
 
     workers = int(cfg.data.num_workers)
-    train_median = {name: median(rates[name]) for name in VARIANTS}
-    pipe_median = median(rates["pipeline"])
     return {
         "config": {
             "overrides": args.overrides,
             "backbone": cfg.model.backbone,
             "image_size": int(cfg.data.image_size),
             "batch_size": batch_size,
-            "device": str(device),
+            "device": str(reference.device),
             "torch_threads": torch.get_num_threads(),
             "num_workers": workers,
             "ema": bool(cfg.train.ema),
+            "amp": cfg.train.get("amp"),
+            "channels_last": bool(cfg.train.get("channels_last", False)),
             "steps": args.steps,
             "warmup": args.warmup,
             "repeats": args.repeats,
@@ -267,24 +332,47 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "training": {
             name: {
-                "images_per_s_median": train_median[name],
-                "step_ms_median": 1000 * batch_size / train_median[name],
+                "images_per_s_median": median(rates[name]),
+                "step_ms_median": 1000 * batch_size / median(rates[name]),
                 "images_per_s_repeats": rates[name],
                 "skipped_steps": skipped[name],
-                "memory": memory[name],
+                **({"memory": memory[name]} if name in memory else {}),
             }
-            for name in VARIANTS
+            for name in (*VARIANTS, PLAIN)
         },
-        "grad_checkpoint_speed_ratio": paired("grad_checkpoint"),
+        "speed_ratio": {
+            "centerx_vs_pytorch": paired("centerx", PLAIN),
+            "grad_checkpoint_vs_centerx": paired("grad_checkpoint", "centerx"),
+        },
+        "memory_ratio": memory_ratios(memory),
         "pipeline": {
-            "images_per_s_per_worker_median": pipe_median,
-            "images_per_s_repeats": rates["pipeline"],
+            "images_per_s_per_worker_median": median(rates[PIPELINE]),
+            "images_per_s_repeats": rates[PIPELINE],
         },
         "pipeline_to_training_ratio": {
-            "per_worker": paired("pipeline"),
-            "configured_workers": max(1, workers) * paired("pipeline"),
+            "per_worker": paired(PIPELINE, "centerx"),
+            "configured_workers": max(1, workers) * paired(PIPELINE, "centerx"),
         },
     }
+
+
+def memory_ratios(memory: dict) -> dict[str, float]:
+    """grad_checkpoint's peak over centerx's, per measurement (cuda, or each heap)."""
+    ratios = {}
+    for kind, plain in memory["centerx"].items():
+        checkpointed = memory["grad_checkpoint"][kind]
+        key = "max_memory_allocated_mb" if kind == "cuda" else "training_adds_mb"
+        ratios[kind] = checkpointed[key] / plain[key]
+    return ratios
+
+
+def _memory_text(memory: dict) -> str:
+    if "cuda" in memory:
+        return f"{memory['cuda']['max_memory_allocated_mb']:.0f} MiB (cuda max allocated)"
+    parts = [
+        f"+{probe['training_adds_mb']:.0f} MiB ({heap} heap)" for heap, probe in memory.items()
+    ]
+    return ", ".join(parts)
 
 
 def report(result: dict) -> str:
@@ -292,38 +380,36 @@ def report(result: dict) -> str:
     lines = [
         f"centerx training benchmark: backbone={c['backbone']} image_size={c['image_size']} "
         f"batch_size={c['batch_size']} device={c['device']} threads={c['torch_threads']} "
-        f"ema={c['ema']} torch={c['torch']}",
+        f"ema={c['ema']} amp={c['amp']} channels_last={c['channels_last']} torch={c['torch']}",
         f"  {c['steps']} steps x {c['repeats']} repeats (interleaved), {c['warmup']} warm-up "
         f"steps; load average before/after: "
         + " / ".join(f"{v[0]:.1f}" for v in result["load_average"].values()),
         "",
-        f"  {'training (full step)':<24}{'images/s':>10}{'ms/step':>10}   peak memory",
+        f"  {'training step':<24}{'images/s':>10}{'ms/step':>10}   peak memory (RSS training adds)",
     ]
     for name, t in result["training"].items():
-        mem = t["memory"]
-        if "max_memory_allocated_mb" in mem:
-            memory = f"{mem['max_memory_allocated_mb']:.0f} MiB (cuda max allocated)"
-        else:
-            memory = (
-                f"+{mem['training_adds_mb']:.0f} MiB over {mem['before_steps_mb']:.0f} "
-                f"(peak RSS {mem['peak_rss_mb']:.0f} MiB, {mem['method']})"
-            )
-        spread = ", ".join(f"{v:.1f}" for v in t["images_per_s_repeats"])
+        memory = _memory_text(t["memory"]) if "memory" in t else "-"
         lines.append(
             f"  {name:<24}{t['images_per_s_median']:>10.1f}{t['step_ms_median']:>10.0f}   {memory}"
         )
-        lines.append(
-            f"  {'':<24}repeats: {spread}"
-            + (f"; {t['skipped_steps']} skipped" if t["skipped_steps"] else "")
-        )
+        spread = ", ".join(f"{v:.1f}" for v in t["images_per_s_repeats"])
+        skipped = f"; {t['skipped_steps']} skipped" if t["skipped_steps"] else ""
+        lines.append(f"  {'':<24}repeats: {spread}{skipped}")
+    speed, mem = result["speed_ratio"], result["memory_ratio"]
+    memory_change = ", ".join(f"{100 * (r - 1):+.0f}% ({kind})" for kind, r in mem.items())
+    lines += [
+        "",
+        f"  centerx / plain PyTorch loop speed: {speed['centerx_vs_pytorch']:.2f}x",
+        f"  grad_checkpoint vs centerx: step time {100 * (1 / speed['grad_checkpoint_vs_centerx'] - 1):+.0f}%, "
+        f"peak memory {memory_change}",
+    ]
     p = result["pipeline"]
     ratio = result["pipeline_to_training_ratio"]
     lines += [
-        f"  grad_checkpoint / plain speed: {result['grad_checkpoint_speed_ratio']:.2f}x",
         "",
         f"  data pipeline, 1 worker:  {p['images_per_s_per_worker_median']:.1f} images/s "
         f"(repeats: {', '.join(f'{v:.1f}' for v in p['images_per_s_repeats'])})",
-        f"  pipeline / training (plain): {ratio['per_worker']:.2f}x per worker, "
+        f"  pipeline / training (centerx): {ratio['per_worker']:.2f}x per worker, "
         f"{ratio['configured_workers']:.2f}x with data.num_workers={c['num_workers']}"
         + ("" if ratio["configured_workers"] > 1 else "   <-- the data loader is the bottleneck"),
     ]

@@ -1,5 +1,6 @@
 """CenterNet model: output shapes at stride 4, head initialisation, gradient checkpointing
-(outputs, gradients and BatchNorm statistics identical), input dtype, build_model errors."""
+(outputs, gradients and BatchNorm statistics identical, on every backbone; which pieces are
+recomputed), input dtype, build_model errors."""
 
 from __future__ import annotations
 
@@ -127,19 +128,34 @@ def _train_step(model: CenterNet, images: torch.Tensor, seed: int = 1) -> dict[s
     return {k: v.detach() for k, v in outputs.items()}
 
 
-def _count_stem_forwards(model: CenterNet) -> list[int]:
+def _first_module(piece: nn.Module) -> nn.Module:
+    """The first leaf module of a piece: persistent even where stages() builds transient
+    nn.Sequential views (ResNet's and EfficientNet's stems), and the first to run."""
+    while list(piece.children()):
+        piece = next(piece.children())
+    return piece
+
+
+def _count_forwards(module: nn.Module) -> list[int]:
     # A pre-hook: non-reentrant checkpointing stops a recompute early once it has every
     # tensor backward needs, so a post-forward hook may not fire.
     calls = [0]
-    model.backbone.stages()[0].register_forward_pre_hook(
-        lambda *_: calls.__setitem__(0, calls[0] + 1)
-    )
+    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
 
 
-@pytest.mark.parametrize("skip", [True, False], ids=["skips", "noskips"])
-def test_grad_checkpoint_same_outputs_gradients_and_batchnorm_stats(tiny_model_cfg, skip) -> None:
-    plain = _build(tiny_model_cfg, "tiny", skip)
+def _count_stem_forwards(model: CenterNet) -> list[int]:
+    return _count_forwards(_first_module(model.backbone.stages()[0]))
+
+
+@pytest.mark.parametrize(
+    "backbone,skip",
+    [("tiny", True), ("tiny", False), ("resnet18", True), ("efficientnet_lite0", True)],
+)
+def test_grad_checkpoint_same_outputs_gradients_and_batchnorm_stats(
+    tiny_model_cfg, backbone: str, skip: bool
+) -> None:
+    plain = _build(tiny_model_cfg, backbone, skip)
     ckpt = copy.deepcopy(plain)
     ckpt.grad_checkpoint = True
     before = _batchnorm_buffers(plain)
@@ -174,7 +190,8 @@ def test_without_restoring_batchnorm_stats_checkpointing_double_updates(
     tiny_model_cfg, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The pitfall the implementation guards against is real: with the recompute context
-    made a no-op, BatchNorm running stats are updated twice and differ from plain training."""
+    made a no-op, the BatchNorm layers of the recomputed pieces (and only those) update their
+    running stats twice and differ from plain training."""
     monkeypatch.setattr(
         centernet, "_batchnorm_stats_restored", lambda module: contextlib.nullcontext()
     )
@@ -185,8 +202,24 @@ def test_without_restoring_batchnorm_stats_checkpointing_double_updates(
     _train_step(plain, images)
     _train_step(ckpt, images)
     stats_plain, stats_ckpt = _batchnorm_buffers(plain), _batchnorm_buffers(ckpt)
+    recomputed = [
+        piece
+        for piece, stride in [
+            *zip(ckpt.backbone.stages(), ckpt.stage_strides, strict=True),
+            *zip(ckpt.neck, centernet.NECK_STRIDES, strict=True),
+        ]
+        if stride <= centernet.CHECKPOINT_MAX_STRIDE
+    ]
+    in_recomputed = {id(m) for piece in recomputed for m in piece.modules()}
+    doubled = {
+        f"{name}.num_batches_tracked"
+        for name, module in ckpt.named_modules()
+        if isinstance(module, nn.BatchNorm2d) and id(module) in in_recomputed
+    }
     tracked = [n for n in stats_plain if n.endswith("num_batches_tracked")]
-    assert all(int(stats_ckpt[n]) == int(stats_plain[n]) + 1 for n in tracked)
+    assert doubled and set(tracked) > doubled
+    for name in tracked:
+        assert int(stats_ckpt[name]) == int(stats_plain[name]) + (name in doubled), name
     assert any(
         not torch.allclose(stats_ckpt[n], stats_plain[n]) for n in stats_plain if "running" in n
     )
@@ -202,3 +235,17 @@ def test_grad_checkpoint_inactive_in_eval_and_no_grad(tiny_model_cfg) -> None:
     out["heatmap"].sum().backward()
     assert calls[0] == 1  # no recompute outside training
     assert all(torch.equal(v, _batchnorm_buffers(model)[k]) for k, v in stats.items())
+
+
+def test_grad_checkpoint_recomputes_the_fine_stride_pieces_only(tiny_model_cfg) -> None:
+    """Backbone pieces and neck stages with output stride <= CHECKPOINT_MAX_STRIDE (8) run twice
+    per training step (forward, then recompute in backward); the coarse ones and the heads once."""
+    model = _build(tiny_model_cfg, "efficientnet_lite0", True, grad_checkpoint=True)
+    pieces = [*model.backbone.stages(), *model.neck, model.heads]
+    strides = [*model.stage_strides, *centernet.NECK_STRIDES, centernet.OUTPUT_STRIDE]
+    assert strides[:9] == [2, 2, 4, 8, 16, 16, 32, 32, 32]  # stem, 7 stages, head conv
+    calls = [_count_forwards(_first_module(piece)) for piece in pieces]
+    _train_step(model, _images(2, 64, 64, seed=3))
+    expected = [2 if stride <= centernet.CHECKPOINT_MAX_STRIDE else 1 for stride in strides]
+    expected[-1] = 1  # the heads are never checkpointed
+    assert [count for (count,) in calls] == expected

@@ -69,10 +69,13 @@ def test_benchmark_train_reports_both_variants(tmp_path: Path, run_ok) -> None:
         *("--steps", "1", "--warmup", "0", "--repeats", "1"),
         *("data.image_size=64", "train.batch_size=2", "train.num_threads=1"),
     )
-    assert set(result["training"]) == {"plain", "grad_checkpoint"}
+    assert set(result["training"]) == {"centerx", "grad_checkpoint", "pytorch"}
     for variant in result["training"].values():
         assert variant["images_per_s_median"] > 0 and variant["skipped_steps"] == 0
-        assert variant["memory"]["peak_rss_mb"] > 0
+    for variant in ("centerx", "grad_checkpoint"):
+        for heap in ("returned", "default"):
+            assert result["training"][variant]["memory"][heap]["peak_rss_mb"] > 0
+    assert result["speed_ratio"]["centerx_vs_pytorch"] > 0
     assert result["pipeline"]["images_per_s_per_worker_median"] > 0
     assert result["config"]["image_size"] == 64 and result["config"]["batch_size"] == 2
 

@@ -1,14 +1,16 @@
-"""CenterNet targets: the corrected Gaussian radius (proved against CornerNet's three IoU cases)
-and build_targets' heatmap / wh / offset / index / mask, checked by hand."""
+"""CenterNet targets: the corrected Gaussian radius (proved against CornerNet's three IoU cases),
+draw_heatmap against the whole-grid reference it replaced (equal output, memory bounded by the
+boxes' windows), and build_targets' heatmap / wh / offset / index / mask, checked by hand."""
 
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
 
-from centerx.data.targets import build_targets, gaussian_radius
+from centerx.data.targets import build_targets, draw_heatmap, gaussian_kernel, gaussian_radius
 
 # ------------------------------------------------------------------------- gaussian_radius
 
@@ -97,6 +99,80 @@ def test_gaussian_radius_vectorised() -> None:
     np.testing.assert_allclose(radii.ravel(), expected, rtol=0, atol=0)
     # Monotone in size: a larger box tolerates a larger displacement.
     assert np.all(np.diff(gaussian_radius(np.arange(2.0, 60.0), np.arange(2.0, 60.0))) > 0)
+
+
+# ----------------------------------------------------------------------------- draw_heatmap
+
+
+def whole_grid_heatmap(center, wh, labels, num_classes, grid_size, min_overlap) -> np.ndarray:
+    """The implementation draw_heatmap replaced, verbatim: every box evaluated over the whole
+    grid ([N, H, W] at once), truncated at its radius, merged per class by max."""
+    height, width = grid_size
+    heatmap = np.zeros((num_classes, height, width), np.float32)
+    if len(center) == 0:
+        return heatmap
+    radius = np.maximum(0, np.floor(gaussian_radius(wh[:, 1], wh[:, 0], min_overlap)))
+    sigma = (2 * radius + 1) / 6
+    dx = np.arange(width)[None, None, :] - center[:, 0, None, None]
+    dy = np.arange(height)[None, :, None] - center[:, 1, None, None]
+    r = radius[:, None, None]
+    gauss = np.exp(-(dx**2 + dy**2) / (2 * sigma[:, None, None] ** 2))
+    gauss = np.where((np.abs(dx) <= r) & (np.abs(dy) <= r), gauss, 0.0).astype(np.float32)
+    np.maximum.at(heatmap, labels, gauss)
+    return heatmap
+
+
+def random_boxes(count: int, grid_size: tuple[int, int], seed: int):
+    """Centre cells (some on the borders), sizes from sub-cell to larger than the grid, labels."""
+    rng = np.random.default_rng(seed)
+    height, width = grid_size
+    center = np.floor(rng.uniform(0, [width, height], (count, 2)))
+    center[::5] = [0, height - 1]  # windows cut by the left and bottom borders
+    center[1::7] = [width - 1, 0]
+    wh = np.exp(rng.uniform(np.log(0.5), np.log(2.5 * max(grid_size)), (count, 2)))
+    return center, wh, rng.integers(0, 3, count)
+
+
+@pytest.mark.parametrize("grid_size", [(80, 80), (24, 40), (128, 128), (256, 256)])
+@pytest.mark.parametrize("count", [0, 1, 2, 17, 128, 256])
+def test_draw_heatmap_equals_the_whole_grid_reference(grid_size, count) -> None:
+    args = (*random_boxes(count, grid_size, seed=count), 3, grid_size, 0.3)
+    heatmap = draw_heatmap(*args)
+    assert heatmap.dtype == np.float32 and heatmap.shape == (3, *grid_size)
+    np.testing.assert_array_equal(heatmap, whole_grid_heatmap(*args))
+
+
+def test_draw_heatmap_memory_is_bounded_by_the_windows() -> None:
+    """128 boxes on a 128x128 grid: the whole-grid version allocates [N, H, W] float64 arrays
+    (tens of MiB); draw_heatmap allocates the heatmap and nothing grid-sized besides (its
+    windows are views of the heatmap, the kernels cached)."""
+    grid = (128, 128)
+    args = (*random_boxes(128, grid, seed=1), 3, grid, 0.3)
+    draw_heatmap(*args)  # the kernels are cached from here on
+
+    def peak(fn) -> int:
+        tracemalloc.start()
+        try:
+            fn(*args)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    heatmap_bytes = 3 * 128 * 128 * 4
+    assert peak(whole_grid_heatmap) > 50 * heatmap_bytes  # tracemalloc does see numpy buffers
+    # The heatmap plus per-box bookkeeping (radii, Python ints): under 1 KiB a box.
+    assert peak(draw_heatmap) < heatmap_bytes + 128 * 1024
+
+
+def test_gaussian_kernel_is_cached_read_only_and_matches_its_formula() -> None:
+    kernel = gaussian_kernel(3)
+    assert kernel is gaussian_kernel(3) and not kernel.flags.writeable
+    assert kernel.shape == (7, 7) and kernel.dtype == np.float32
+    sigma = 7 / 6
+    assert kernel[3, 3] == 1.0
+    assert kernel[3, 0] == pytest.approx(math.exp(-9 / (2 * sigma**2)), rel=1e-6)
+    np.testing.assert_array_equal(kernel, kernel.T)
+    np.testing.assert_array_equal(gaussian_kernel(0), [[1.0]])
 
 
 # ---------------------------------------------------------------------------- build_targets

@@ -16,6 +16,15 @@ from centerx.model.heads import CenterNetHeads
 from centerx.model.neck import UpsampleNeck
 
 OUTPUT_STRIDE = 4
+NECK_STRIDES = (16, 8, 4)  # output stride of each neck stage
+# Gradient checkpointing recomputes in backward only the pieces whose output is at stride <= 8.
+# They hold most of the activations (ResNet's stride-2 stem and stride-4 layer1; EfficientNet's
+# x6 expansions, which run at their stage's input resolution: stride 2 and 4; the neck's last
+# two stages) for about half of the forward's compute. Recomputing the stride-16/32 pieces or
+# the heads would cost time and save no peak memory: the peak comes late in backward, at the
+# recompute of a stride-2/4 piece, when their activations are already freed. Measured by
+# scripts/benchmark_train.py (time, RSS); the peak's composition by torch.profiler.
+CHECKPOINT_MAX_STRIDE = 8
 
 
 @contextlib.contextmanager
@@ -34,21 +43,27 @@ def _batchnorm_stats_restored(module: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _stage_channels(backbone: nn.Module) -> dict[int, int]:
-    """Channels of the last backbone piece at each stride, from one small dummy forward."""
+def _stage_layout(backbone: nn.Module) -> list[tuple[int, int]]:
+    """(output stride, channels) of each backbone piece, from one small dummy forward."""
     was_training = backbone.training
     backbone.eval()
-    x, channels = torch.zeros(1, 3, 64, 64), {}
+    x, layout = torch.zeros(1, 3, 64, 64), []
     for stage in backbone.stages():
         x = stage(x)
-        channels[64 // x.shape[-1]] = x.shape[1]
+        layout.append((64 // x.shape[-1], x.shape[1]))
     backbone.train(was_training)
-    missing = [s for s in (4, 8, 16) if s not in channels]
+    return layout
+
+
+def _skip_channels(backbone: nn.Module, layout: list[tuple[int, int]]) -> list[int]:
+    """Channels of the last backbone piece at strides 16, 8, 4 (the neck's lateral inputs)."""
+    channels = dict(layout)  # the last piece at each stride wins
+    missing = [s for s in NECK_STRIDES if s not in channels]
     if missing:
         raise ValueError(
             f"{type(backbone).__name__} has no stage at stride {missing}: use model.skip_connections=false"
         )
-    return channels
+    return [channels[s] for s in NECK_STRIDES]
 
 
 class CenterNet(nn.Module):
@@ -68,7 +83,9 @@ class CenterNet(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        skips = [_stage_channels(backbone)[s] for s in (16, 8, 4)] if skip_connections else None
+        layout = _stage_layout(backbone)
+        self.stage_strides = [stride for stride, _ in layout]
+        skips = _skip_channels(backbone, layout) if skip_connections else None
         self.neck = UpsampleNeck(backbone.out_channels, neck_channels, skips)
         self.heads = CenterNetHeads(self.neck.out_channels, num_classes, head_channels)
         self.num_classes = num_classes
@@ -80,9 +97,11 @@ class CenterNet(nn.Module):
         self.register_buffer("input_std", std, persistent=False)
 
     def _run(
-        self, stage: Callable[..., torch.Tensor], *inputs: torch.Tensor | None
+        self, stage: Callable[..., torch.Tensor], stride: int, *inputs: torch.Tensor | None
     ) -> torch.Tensor:
-        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+        """stage(*inputs), checkpointed when on, training, and the output stride is fine."""
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
+        if recompute and stride <= CHECKPOINT_MAX_STRIDE:
             return checkpoint(
                 stage,
                 *inputs,
@@ -94,12 +113,12 @@ class CenterNet(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.input_mean) / self.input_std
         by_stride: dict[int, torch.Tensor] = {}
-        for stage in self.backbone.stages():
-            x = self._run(stage, x)
-            by_stride[images.shape[-1] // x.shape[-1]] = x  # the last piece at each stride wins
-        for stage, stride in zip(self.neck, (16, 8, 4), strict=True):
+        for stage, stride in zip(self.backbone.stages(), self.stage_strides, strict=True):
+            x = self._run(stage, stride, x)
+            by_stride[stride] = x  # the last piece at each stride wins
+        for stage, stride in zip(self.neck, NECK_STRIDES, strict=True):
             skip = by_stride.get(stride) if self.neck.uses_skips else None
-            x = self._run(stage, x, skip)
+            x = self._run(stage, stride, x, skip)
         return x
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
