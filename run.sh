@@ -63,6 +63,6 @@ if ! has_run_dir "$@"; then
 fi
 
 if [ "${NPROC:-1}" -gt 1 ]; then
-  exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m centerx "$command" "$@"
+  exec "$PY" -m centerx.launch "$NPROC" "$command" "$@"  # torchrun, failures as one line
 fi
 exec "$PY" -m centerx "$command" "$@"

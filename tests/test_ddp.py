@@ -27,14 +27,16 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+from centerx import errors
+from centerx.data.base import ImageReadError
 from centerx.data.pipeline import TrainingDataset, build_loader, collate
 from centerx.data.synthetic import SyntheticShapes
-from centerx.model.checkpoint import load_checkpoint, to_plain
 from centerx.engine.trainer import Trainer
-from centerx.objectives.supervised import SupervisedObjective
 from centerx.losses.centernet_loss import CenterNetLoss
 from centerx.losses.weighting import AdaptiveMagnitudeWeights, FixedWeights
 from centerx.model.centernet import build_model
+from centerx.model.checkpoint import load_checkpoint, to_plain
+from centerx.objectives.supervised import SupervisedObjective
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -102,6 +104,28 @@ def shard_batch(rank: int) -> dict:
     return collate([dataset[i] for i in equal_count_shards()[rank]])
 
 
+def tiny_meta() -> dict:
+    """What a checkpoint of these runs records about the model."""
+    return to_plain(
+        {
+            "class_names": CLASSES,
+            "model_config": {"backbone": "tiny"},
+            "image_size": IMAGE_SIZE,
+            "config": {},
+        }
+    )
+
+
+def rank_loader(source: SyntheticShapes, shuffle: bool = True) -> torch.utils.data.DataLoader:
+    """This rank's share of `source`, PER_RANK images a batch."""
+    dataset = TrainingDataset(source, IMAGE_SIZE, augment=None)
+    return build_loader(dataset, PER_RANK, shuffle=shuffle, distributed=True, drop_last=True)
+
+
+def params_of(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
 def train_cfg(**overrides):
     cfg = OmegaConf.load(REPO / "conf" / "train" / "default.yaml")
     cfg.seed = 0  # `${seed}` points at the root config, absent here
@@ -155,8 +179,7 @@ def _trainer_scenario(rank: int, out_dir: Path) -> None:
     """The real Trainer under DDP: rank 1 alone meets a NaN loss; EMA and evaluation on."""
     run_dir = out_dir / "run"
     source = SyntheticShapes(num_images=16, seed=0, class_names=CLASSES, image_size=IMAGE_SIZE)
-    dataset = TrainingDataset(source, IMAGE_SIZE, augment=None)
-    loader = build_loader(dataset, PER_RANK, shuffle=True, distributed=True, drop_last=True)
+    loader = rank_loader(source)
     evaluated: list[dict] = []
 
     def evaluate(model: torch.nn.Module) -> dict:
@@ -165,14 +188,6 @@ def _trainer_scenario(rank: int, out_dir: Path) -> None:
         return {"AP": 0.1 * len(evaluated), "AP50": 0.2}
 
     cfg = train_cfg(ema=True, ema_decay=0.9, max_bad_steps=3)
-    meta = to_plain(
-        {
-            "class_names": CLASSES,
-            "model_config": {"backbone": "tiny"},
-            "image_size": IMAGE_SIZE,
-            "config": {},
-        }
-    )
     # 16 images / (2 ranks x 4) = 2 steps per epoch; the 3rd step (epoch 2) is bad on rank 1.
     objective = NaNOnOneRank(rank, bad_rank=1, bad_call=3)
     trainer = Trainer(
@@ -182,7 +197,7 @@ def _trainer_scenario(rank: int, out_dir: Path) -> None:
         loader,
         cfg,
         run_dir,
-        meta,
+        tiny_meta(),
         evaluate=evaluate,
     )
     trainer.fit()
@@ -194,7 +209,7 @@ def _trainer_scenario(rank: int, out_dir: Path) -> None:
     optimizer_steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
     torch.save(
         {
-            "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+            "params": params_of(trainer),
             "evaluated": evaluated,
             "visible": visible,
             "optimizer_steps": optimizer_steps,
@@ -225,23 +240,9 @@ def _skipped_term_scenario(rank: int, out_dir: Path) -> None:
     """Adaptive weighter under DDP: a term skipped on one rank must neither hang the ranks nor
     let their weights drift apart (its head gets a zero gradient there)."""
     source = SyntheticShapes(num_images=16, seed=0, class_names=CLASSES, image_size=IMAGE_SIZE)
-    loader = build_loader(
-        TrainingDataset(source, IMAGE_SIZE, augment=None),
-        PER_RANK,
-        shuffle=True,
-        distributed=True,
-        drop_last=True,
-    )
+    loader = rank_loader(source)
     targets = OmegaConf.load(REPO / "conf" / "loss" / "adaptive.yaml").weighter.targets
     objective = ZeroSizeTermOnOneRank(rank)
-    meta = to_plain(
-        {
-            "class_names": CLASSES,
-            "model_config": {"backbone": "tiny"},
-            "image_size": IMAGE_SIZE,
-            "config": {},
-        }
-    )
     trainer = Trainer(
         tiny_model(),
         objective,
@@ -249,16 +250,54 @@ def _skipped_term_scenario(rank: int, out_dir: Path) -> None:
         loader,
         train_cfg(eval_every=100),
         out_dir / "skipped_run",
-        meta,
+        tiny_meta(),
     )
     trainer.fit()
     torch.save(
         {
-            "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+            "params": params_of(trainer),
             "global_step": trainer.global_step,
             "calls": objective.calls,
         },
         out_dir / f"skipped_rank{rank}.pt",
+    )
+
+
+class UnreadableOdd(SyntheticShapes):
+    """Synthetic images whose odd indices fail to read like corrupt files."""
+
+    def load(self, index: int):
+        if index % 2:
+            raise ImageReadError(f"broken_{index}.jpg: not a decodable image")
+        return super().load(index)
+
+
+def _unreadable_scenario(rank: int, out_dir: Path) -> None:
+    """Without shuffling, rank 1's shard is the odd indices: every image of its batches is
+    unreadable (before: an empty batch there, `continue`, and rank 0 waiting in the gradient
+    all-reduce forever). Each is replaced by the next readable image: both ranks take every step."""
+    source = UnreadableOdd(num_images=16, seed=0, class_names=CLASSES, image_size=IMAGE_SIZE)
+    loader = rank_loader(source, shuffle=False)
+    trainer = Trainer(
+        tiny_model(),
+        SupervisedObjective(CenterNetLoss()),
+        FixedWeights(loss_weights()),
+        loader,
+        train_cfg(eval_every=100),
+        out_dir / "unreadable_run",
+        tiny_meta(),
+    )
+    trainer.fit()
+    torch.save(
+        {
+            "params": params_of(trainer),
+            "global_step": trainer.global_step,
+            "skipped": trainer.skipped_images,
+            "optimizer_steps": {
+                int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()
+            },
+        },
+        out_dir / f"unreadable_rank{rank}.pt",
     )
 
 
@@ -272,26 +311,87 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         _gradient_scenario(rank, Path(out_dir))
         _trainer_scenario(rank, Path(out_dir))
         _skipped_term_scenario(rank, Path(out_dir))
+        _unreadable_scenario(rank, Path(out_dir))
     finally:
         torch_dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory) -> Path:
-    out_dir = tmp_path_factory.mktemp("ddp")
+class FailsOnRank1:
+    """The supervised objective; rank 1 raises at its 2nd call (say, its data failed)."""
+
+    def __init__(self, rank: int, out_dir: Path) -> None:
+        self.inner = SupervisedObjective(CenterNetLoss())
+        self.rank, self.out_dir, self.calls = rank, out_dir, 0
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        if self.rank == 1 and self.calls == 2:
+            (self.out_dir / "rank1_failed_at").write_text(str(time.time()))
+            raise RuntimeError("rank 1 fails")
+        return self.inner(model, batch)
+
+
+def _dead_rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank 1 dies in the middle of training; rank 0 records what it sees, and when.
+    The process group's timeout is long (600 s): only the dead peer's closed connection can
+    end rank 0's wait quickly."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch_dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600)
+    )
+    out = Path(out_dir)
+    source = SyntheticShapes(num_images=32, seed=0, class_names=CLASSES, image_size=IMAGE_SIZE)
+    loader = rank_loader(source)
+    trainer = Trainer(
+        tiny_model(), FailsOnRank1(rank, out), FixedWeights(loss_weights()), loader,
+        train_cfg(epochs=20, eval_every=100), out / "dead_rank_run", tiny_meta(),
+    )  # fmt: skip
+    try:
+        trainer.fit()
+    except Exception as err:
+        if rank == 0:
+            (out / "rank0_saw").write_text(f"{time.time()}\n{errors.describe(err).line}")
+        raise
+
+
+def run_workers(worker, out_dir: Path, join: bool = True) -> None:
+    """WORLD spawned processes running worker(rank, WORLD, port, out_dir), waited for; the test
+    fails after SPAWN_TIMEOUT_S (a hang). join=True re-raises a worker's exception with its
+    traceback (context.join); join=False only waits for every process to end (context.join
+    would terminate the others as soon as one failed)."""
     context = mp.start_processes(
-        _worker,
+        worker,
         args=(WORLD, free_port(), str(out_dir)),
         nprocs=WORLD,
         join=False,
         start_method="spawn",
     )
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=5):  # re-raises a worker's exception with its traceback
+    while True:
+        if join and context.join(timeout=5):
+            return
+        if not join and not any(p.is_alive() for p in context.processes):
+            return
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"distributed workers still running after {SPAWN_TIMEOUT_S} s (a hang?)")
+        time.sleep(0 if join else 0.2)
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("ddp")
+    run_workers(_worker, out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def dead_rank(tmp_path_factory) -> Path:
+    """Two ranks, rank 1 dies mid-training; both processes have ended."""
+    out_dir = tmp_path_factory.mktemp("dead_rank")
+    run_workers(_dead_rank_worker, out_dir, join=False)
     return out_dir
 
 
@@ -398,8 +498,8 @@ def test_cli_torchrun_end_to_end(tmp_path: Path) -> None:
 
     # eval.json (predictions of both ranks, gathered) == one process evaluating best.pt alone.
     metrics = json.loads((run_dir / "eval.json").read_text())
-    from centerx.engine.build import model_from_checkpoint
     from centerx.engine.evaluate import evaluate_predictor, torch_predictor
+    from centerx.model.checkpoint import model_from_checkpoint
 
     torch.set_num_threads(1)
     model, _ = model_from_checkpoint(run_dir / "checkpoints" / "best.pt")
@@ -427,3 +527,25 @@ def test_ddp_term_skipped_on_one_rank_keeps_ranks_in_step(ddp_results: Path) -> 
         for name, value in ranks[0]["params"].items()
         if name.startswith("head")
     ), "the heads never moved"
+
+
+def test_ddp_unreadable_images_on_one_rank_keep_ranks_in_step(ddp_results: Path) -> None:
+    """Every image of rank 1's batches is unreadable: both ranks still take all 4 steps (2
+    epochs x 2), with identical weights; rank 1 counted its 8 skips per epoch."""
+    ranks = [torch.load(ddp_results / f"unreadable_rank{r}.pt") for r in range(WORLD)]
+    assert [r["global_step"] for r in ranks] == [4, 4]
+    assert [r["optimizer_steps"] for r in ranks] == [{4}, {4}]
+    assert [r["skipped"] for r in ranks] == [0, 16]
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+
+
+def test_ddp_dead_rank_ends_the_others_within_seconds(dead_rank: Path) -> None:
+    """Rank 1 raises mid-training; rank 0, waiting in the gradient all-reduce, sees its closed
+    connection at once (not after the 600 s timeout) and reports it as one line."""
+    failed_at = float((dead_rank / "rank1_failed_at").read_text())
+    saw_at, line = (dead_rank / "rank0_saw").read_text().split("\n", 1)
+    assert float(saw_at) - failed_at < 20
+    assert line == (
+        "centerx: error: another training process stopped (its own error is printed above)"
+    )

@@ -18,6 +18,7 @@ from centerx.data.pipeline import TrainingDataset, build_loader, collate
 from centerx.data.synthetic import SyntheticShapes
 from centerx.engine.build import build_sources, build_train_loader
 from centerx.engine.training import train_model
+from centerx.errors import ConfigError
 from centerx.losses.centernet_loss import CenterNetLoss
 from centerx.losses.distill import heatmap_kd_focal, masked_dense_l1, teacher_peak_weight
 from centerx.losses.focal import focal_loss
@@ -351,7 +352,7 @@ def test_weighter_without_kd_targets_fails_before_training(
     cfg = compose_cfg("distill", [*SMALL, "loss=fixed"])
     train_source, val_source = build_sources(cfg.data)
     specs = [TeacherSpec("t", random_teacher, {c: c for c in CLASSES})]
-    with pytest.raises(KeyError, match="kd_heatmap"):
+    with pytest.raises(ConfigError, match="kd_heatmap"):
         distill_model(cfg, specs, train_source, val_source, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
 

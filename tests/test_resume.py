@@ -11,8 +11,10 @@ depends on the total number of steps, so "2 epochs, then resume to 3" would be a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +23,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from centerx.engine.build import model_from_checkpoint
-from centerx.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from centerx.data.pipeline import TrainingDataset, build_loader
+from centerx.data.synthetic import SyntheticShapes
+from centerx.engine.optim import lr_factor
+from centerx.engine.trainer import Trainer, resume_changes
+from centerx.errors import ConfigError
+from centerx.losses.centernet_loss import CenterNetLoss
+from centerx.losses.weighting import FixedWeights
+from centerx.model.centernet import build_model
+from centerx.model.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    to_plain,
+)
+from centerx.objectives.supervised import SupervisedObjective
+from centerx.utils.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -145,15 +163,19 @@ def test_killed_and_resumed_run_equals_straight_run(
         pytest.fail("the run finished before it could be interrupted in epoch 3, twice")
     process, output = killed
 
-    # A graceful stop: the trainer says where to resume from, and last.pt is whole.
-    assert process.returncode in (-signal.SIGINT, 128 + signal.SIGINT, 1), output[-3000:]
-    assert "interrupted in epoch 3; checkpoints/last.pt holds epoch 2" in output, output[-3000:]
+    # A graceful stop: one line says where to resume from (no traceback), last.pt is whole.
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert (
+        f"centerx: error: interrupted in epoch 3; checkpoints/last.pt holds epoch 2 (resume "
+        f"with: train.resume={run_dir / 'checkpoints' / 'last.pt'} hydra.run.dir={run_dir})"
+    ) in output, output[-3000:]
     last = run_dir / "checkpoints" / "last.pt"
     interrupted = torch.load(last, map_location="cpu", weights_only=True)
     assert (interrupted["epoch"], interrupted["global_step"]) == (2, 8)
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
 
-    # Resume in the same run directory (metrics.jsonl is appended to).
+    # Resume in the same run directory: metrics.jsonl is cut back to last.pt's step first.
     finish(start(run_dir, f"data.num_workers={num_workers}", f"train.resume={last}"))
 
     reference_dir = straight_run()
@@ -171,6 +193,13 @@ def test_killed_and_resumed_run_equals_straight_run(
         return {r["epoch"]: r for r in map(json.loads, lines) if r["kind"] == "epoch"}
 
     assert epoch_records(run_dir)[3] == epoch_records(reference_dir)[3]
+
+    # ... and the resumed run's log is the straight run's: no record twice.
+    def kinds_and_steps(path: Path) -> list[tuple[str, int]]:
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+        return [(r["kind"], r["step"]) for r in map(json.loads, lines)]
+
+    assert kinds_and_steps(run_dir) == kinds_and_steps(reference_dir)
     assert json.loads((run_dir / "eval.json").read_text()) == json.loads(
         (reference_dir / "eval.json").read_text()
     )
@@ -235,3 +264,129 @@ def test_unreadable_checkpoints_raise_checkpoint_error(tmp_path: Path) -> None:
             load_checkpoint(tmp_path / name)
     with pytest.raises(CheckpointError, match=re.escape("truncated.pt")):
         model_from_checkpoint(tmp_path / "truncated.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming with other settings, into the same or another run directory (Trainer, in-process)
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_trainer(run_dir: Path, **train_overrides) -> Trainer:
+    """A 2-steps-per-epoch Trainer whose checkpoints record its `train` config."""
+    torch.set_num_threads(1)
+    cfg = OmegaConf.load(REPO / "conf" / "train" / "default.yaml")
+    cfg.seed = 0
+    cfg.merge_with(
+        {"epochs": 2, "progress": False, "warmup_epochs": 0, "batch_size": 4, "log_every": 1}
+    )
+    cfg.merge_with(train_overrides)
+    source = SyntheticShapes(num_images=8, seed=0, image_size=64)
+    loader = build_loader(
+        TrainingDataset(source, 64, augment=None), 4, shuffle=True, drop_last=True
+    )
+    model_cfg = OmegaConf.load(REPO / "conf" / "model" / "centernet.yaml")
+    torch.manual_seed(0)
+    meta = to_plain(
+        {
+            "class_names": source.class_names,
+            "model_config": model_cfg,
+            "image_size": 64,
+            "config": {"train": cfg},
+        }
+    )
+    weights = OmegaConf.load(REPO / "conf" / "loss" / "fixed.yaml").weighter.weights
+    return Trainer(
+        build_model(model_cfg, source.num_classes),
+        SupervisedObjective(CenterNetLoss()),
+        FixedWeights(dict(weights)),
+        loader,
+        cfg,
+        run_dir,
+        meta,
+        evaluate=lambda model: {"AP": 0.5, "AP50": 0.6},
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A run directory after 2 epochs (last.pt, best.pt, metrics.jsonl)."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    tiny_trainer(run_dir).fit()
+    return run_dir
+
+
+def test_resume_classifies_changed_settings() -> None:
+    saved = {"train": {"lr": 0.004, "batch_size": 8, "device": "cpu"}, "data": {"root": "a"}}
+    current = {"train": {"lr": 0.001, "batch_size": 8, "device": "cuda"}, "data": {"root": "b"}}
+    assert resume_changes(saved, current) == {
+        "refused": [],
+        "applied": ["train.lr: 0.004 -> 0.001"],
+        "other": ["data.root: 'a' -> 'b'"],  # train.device: followed without a word
+    }
+    current["train"]["batch_size"] = 4
+    current["model"] = saved["model"] = {"backbone": "tiny", "init_from": None}
+    current["model"]["init_from"] = "x.pt"  # fine-tuning source: irrelevant once resumed
+    assert resume_changes(saved, current)["refused"] == ["train.batch_size: 8 -> 4"]
+
+
+def test_resume_applies_a_new_lr_and_more_epochs(finished_run: Path, tmp_path: Path, caplog):
+    """train.lr and train.epochs may change: the lr from the resumed step on is the new base
+    rate times the schedule re-planned for the new total (before: the new lr was ignored)."""
+    trainer = tiny_trainer(finished_run, lr=0.001, epochs=4)
+    with caplog.at_level(logging.WARNING):
+        trainer.resume(finished_run / "checkpoints" / "last.pt")
+    assert "train.epochs: 2 -> 4; train.lr: 0.004 -> 0.001" in caplog.text
+    step = trainer.global_step
+    assert step == 4
+    expected = 0.001 * lr_factor(step, 4 * 2, 0, "cosine")
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+    assert trainer.optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.001)
+    trainer.scheduler.step()  # the schedule goes on from there
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        0.001 * lr_factor(step + 1, 8, 0, "cosine"), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_size": 8}, r"changed train\.batch_size: 4 -> 8"),
+        ({"weight_decay": 0.1}, r"changed train\.weight_decay"),
+        ({"epochs": 2}, r"holds epoch 2: train\.epochs=2 leaves nothing to train"),
+    ],
+)
+def test_resume_refuses_settings_the_run_depends_on(finished_run: Path, overrides, message):
+    trainer = tiny_trainer(finished_run, **{"epochs": 3, **overrides})
+    with pytest.raises(ConfigError, match=message):
+        trainer.resume(finished_run / "checkpoints" / "last.pt")
+
+
+def test_resume_into_the_same_dir_cuts_the_log_back(finished_run: Path, tmp_path: Path) -> None:
+    """Records after the checkpoint's step (a run killed in epoch 3 logged them) are dropped, so
+    the resumed run does not write them twice."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"kind": "step", "step": 5, "epoch": 2, "loss": 1.0}) + "\n")
+    before = read_metrics(run_dir / "metrics.jsonl")
+    trainer = tiny_trainer(run_dir, epochs=3)
+    trainer.resume(run_dir / "checkpoints" / "last.pt")
+    assert read_metrics(run_dir / "metrics.jsonl") == before[:-1]
+    trainer.fit()
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+def test_resume_into_a_new_dir_brings_best_pt(finished_run: Path, tmp_path: Path) -> None:
+    """The stored best AP (0.5) is never beaten after resuming (0.5 again): best.pt must still
+    be there at the end (before: never written, then "checkpoint not found")."""
+    run_dir = tmp_path / "new_run"
+    trainer = tiny_trainer(run_dir, epochs=3)
+    trainer.resume(finished_run / "checkpoints" / "last.pt")
+    trainer.fit()
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert (best["epoch"], best["best_ap"]) == (
+        load_checkpoint(finished_run / "checkpoints" / "best.pt")["epoch"],
+        0.5,
+    )
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 3

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from centerx.data.synthetic import SyntheticShapes
 from centerx.engine.evaluate import torch_predictor
-from centerx.engine.tasks import draw_samples
+from centerx.engine.training import draw_samples
 from centerx.model.centernet import build_model
 
 

@@ -17,17 +17,22 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from centerx.data.base import ImageReadError
+from centerx.data.base import DatasetError, ImageReadError
 from centerx.data.pipeline import TrainingDataset, build_loader
 from centerx.data.synthetic import SyntheticShapes
-from centerx.engine import checkpoint as checkpoint_module
-from centerx.engine.build import model_from_checkpoint
-from centerx.model.checkpoint import inference_weights, load_checkpoint, save_checkpoint, to_plain
 from centerx.engine.optim import lr_factor
-from centerx.objectives.supervised import SupervisedObjective
 from centerx.engine.trainer import Trainer, TrainingDiverged
 from centerx.losses.centernet_loss import CenterNetLoss
 from centerx.losses.weighting import FixedWeights
+from centerx.model import checkpoint as checkpoint_module
+from centerx.model.checkpoint import (
+    inference_weights,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    to_plain,
+)
+from centerx.objectives.supervised import SupervisedObjective
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle"]
@@ -202,17 +207,29 @@ def test_consecutive_bad_steps_stop_training(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_unreadable_images_are_skipped_and_counted(tmp_path: Path, caplog) -> None:
+def test_unreadable_images_are_replaced_and_counted(tmp_path: Path, caplog) -> None:
+    """An unreadable image is replaced by the next readable one: every batch stays full (under
+    DDP every rank takes the same steps); the skips are counted and the files named."""
     source = UnreadableAt({1, 5}, num_images=8, seed=0, class_names=CLASSES, image_size=SIZE)
     objective = Scripted()
     trainer = make_trainer(tmp_path, objective, source=source)
     with caplog.at_level(logging.WARNING):
         trainer.fit()
-    assert trainer.skipped_images == 4  # 2 per epoch
-    assert sum(objective.batch_sizes) == 12 and objective.calls == 4  # the rest trained
-    assert "4 unreadable images were skipped during training" in caplog.text
+    assert trainer.skipped_images == 4 and trainer.unreadable_images == {1, 5}  # 2 per epoch
+    assert objective.batch_sizes == [4, 4, 4, 4]  # 2 epochs x 2 full batches
+    assert "2 unreadable training images were skipped, 4 times in all" in caplog.text
     assert "broken_1.jpg" in caplog.text and "broken_5.jpg" in caplog.text
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_no_readable_substitute_is_an_error(tmp_path: Path) -> None:
+    """A batch whose images and all their substitutes are unreadable stops the run with a
+    DatasetError (before: 0 steps, and "trained 2 epochs")."""
+    source = UnreadableAt(set(range(8)), num_images=8, seed=0, class_names=CLASSES, image_size=SIZE)
+    trainer = make_trainer(tmp_path, source=source)
+    with pytest.raises(DatasetError, match="training images in a row could not be read"):
+        trainer.fit()
+    assert trainer.global_step == 0
 
 
 # ---------------------------------------------------------------------------------------------

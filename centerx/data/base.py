@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from centerx.errors import CenterxError
+
 # One image reader for training, evaluation and deployment: the kit is the bottom layer.
 # ImageReadError is what the loader's skip-and-count path catches.
 from centerx_export.imaging import ImageReadError as ImageReadError
@@ -20,7 +22,7 @@ from centerx_export.imaging import read_image as read_image
 log = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
+class DatasetError(CenterxError, ValueError):
     """A dataset cannot be loaded: wrong root, unreadable annotations, unknown class."""
 
 

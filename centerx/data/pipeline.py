@@ -1,20 +1,25 @@
 """Turn any DetectionSource into training batches (augment + targets) or eval batches.
 
 Images travel as uint8 (4x less to copy between worker processes); the model
-normalises them. A sample whose image cannot be read becomes None and is
-dropped by the collate function, which counts it so the trainer can report it.
+normalises them. A training image that cannot be read is replaced by the next readable one
+(deterministically, so resume stays exact), and counted so the trainer can report it: every
+batch stays full, so under DDP every rank takes the same steps. An evaluation image that cannot
+be read becomes None and is dropped (and counted) by the collate function.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from centerx.data.base import DetectionSource, ImageReadError
+from centerx.data.base import Annotation, DetectionSource, ImageReadError
 from centerx.data.targets import build_targets
 from centerx.data.transforms import (
     AugmentConfig,
@@ -25,18 +30,51 @@ from centerx.data.transforms import (
     transform_boxes,
     warp_image,
 )
+from centerx.errors import ConfigError, check_number
 
 log = logging.getLogger(__name__)
 
 STRIDE = 4
+# An unreadable training image is replaced by the first readable one among the next this many.
+SUBSTITUTES = 16
 
 
-def check_image_size(image_size: int, stride: int = 32) -> int:
-    if image_size <= 0 or image_size % stride:
-        raise ValueError(
-            f"image_size={image_size} must be a positive multiple of {stride} (the backbone stride)"
+def check_image_size(image_size: int, stride: int = 32, key: str = "image_size") -> int:
+    try:
+        size = operator.index(image_size)
+    except TypeError:
+        size = 0  # a float or a string
+    if size <= 0 or size % stride:
+        below = max(stride, size // stride * stride)
+        raise ConfigError(
+            f"{key}={image_size!r} must be a positive multiple of {stride}, the backbone stride",
+            f"e.g. {key}={below} or {below + stride}",
         )
-    return int(image_size)
+    return size
+
+
+def check_data_config(data_cfg: DictConfig) -> None:
+    """The `data` settings the pipeline uses, and every dataset root: set and a folder."""
+    check_image_size(data_cfg.image_size, key="data.image_size")
+    check_number(data_cfg, "max_objects", "data", integer=True, minimum=1)
+    check_number(data_cfg, "min_overlap", "data", above=0, below=1)
+    check_number(data_cfg, "num_workers", "data", integer=True, minimum=0)
+    parts = data_cfg.get("parts")  # None when absent or still ???
+    nodes = [("data", data_cfg)] + [
+        (f"data.parts[{i}]", part) for i, part in enumerate(parts or [])
+    ]
+    for where, node in nodes:
+        # list(node) holds the keys whose value is ??? too (`"root" in node` does not)
+        if not isinstance(node, DictConfig) or "root" not in list(node):
+            continue
+        if OmegaConf.is_missing(node, "root") or node.root is None:
+            raise ConfigError(
+                f"{where}.root is not set", f"give the dataset folder: {where}.root=PATH"
+            )
+        root = Path(str(node.root)).expanduser()
+        if not root.is_dir():
+            what = "is a file, not a folder" if root.exists() else "does not exist"
+            raise ConfigError(f"{where}.root={root} {what}", "give the dataset folder")
 
 
 class TrainingDataset(Dataset):
@@ -62,12 +100,25 @@ class TrainingDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict | None:
-        try:
-            image, ann = self.source.load(index)
-        except ImageReadError as err:
-            log.warning("skipping unreadable image: %s", err)
-            return None
+    def __getitem__(self, index: int) -> dict:
+        """The sample of `index`, or of the next readable image when its image cannot be read
+        ("unreadable" lists the indices that failed; no "image" when none of SUBSTITUTES could
+        be read either)."""
+        unreadable = []
+        for step in range(min(len(self.source), SUBSTITUTES + 1)):
+            candidate = (index + step) % len(self.source)
+            try:
+                image, ann = self.source.load(candidate)
+            except ImageReadError as err:
+                log.warning("skipping unreadable image: %s", err)
+                unreadable.append(candidate)
+                continue
+            return {**self._sample(index, candidate, image, ann), "unreadable": unreadable}
+        return {"unreadable": unreadable}
+
+    def _sample(self, index: int, candidate: int, image: np.ndarray, ann: Annotation) -> dict:
+        """Augmentation draws depend on (seed, epoch, index), the labels on the image's own
+        source (`candidate`)."""
         rng = np.random.default_rng([self.seed, self.epoch, index])
         height, width = image.shape[:2]
         if self.augment is None:
@@ -94,8 +145,8 @@ class TrainingDataset(Dataset):
             "offset": targets.offset,
             "index": targets.index,
             "mask": targets.mask,
-            "labeled": self.source.labeled_classes(index),
-            "absent": self.source.absent_classes(index),
+            "labeled": self.source.labeled_classes(candidate),
+            "absent": self.source.absent_classes(candidate),
         }
 
 
@@ -127,13 +178,19 @@ class EvalDataset(Dataset):
 
 
 def collate(samples: Sequence[dict | None]) -> dict:
-    """Stack samples into tensors; unreadable ones (None) are dropped and counted."""
-    kept = [s for s in samples if s is not None]
-    batch: dict = {"num_skipped": len(samples) - len(kept)}
+    """Stack samples into tensors. Unreadable images are counted in "num_skipped": evaluation
+    samples that are None (dropped), and the images training samples replaced (their indices
+    in "unreadable"); a training sample holding nothing else found no readable substitute."""
+    kept = [s for s in samples if s is not None and s.keys() != {"unreadable"}]
+    unreadable = [i for s in samples if s is not None for i in s.get("unreadable", ())]
+    batch: dict = {"num_skipped": samples.count(None) + len(unreadable)}
+    if unreadable:
+        batch["unreadable"] = unreadable
     if not kept:
         return batch
     for key in kept[0]:
-        batch[key] = torch.as_tensor(np.stack([s[key] for s in kept]))
+        if key != "unreadable":
+            batch[key] = torch.as_tensor(np.stack([s[key] for s in kept]))
     return batch
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +11,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from centerx.data.base import DetectionSource
+from centerx.data.base import DatasetError, DetectionSource
 from centerx.data.pipeline import TrainingDataset, build_loader
 from centerx.engine import distributed as dist
 from centerx.engine.evaluate import evaluate_predictor, torch_predictor
+from centerx.errors import check_number
 from centerx.model.checkpoint import to_plain
+
+log = logging.getLogger(__name__)
 
 
 def run_dir() -> Path:
@@ -85,9 +89,32 @@ def checkpoint_meta(cfg: DictConfig, class_names: list[str]) -> dict[str, Any]:
     )
 
 
+def check_eval_config(eval_cfg: DictConfig) -> None:
+    """The `eval` settings (shared by every subcommand that scores or predicts)."""
+    check_number(eval_cfg, "batch_size", "eval", integer=True, minimum=1)
+    check_number(eval_cfg, "top_k", "eval", integer=True, minimum=1)
+
+
+def check_ground_truth(source: DetectionSource, ground_truth: dict) -> None:
+    """AP needs boxes: none at all is an error, none for some classes a warning (their AP is
+    n/a, not 0)."""
+    boxed = {a["category_id"] for a in ground_truth["annotations"] if not a.get("iscrowd")}
+    empty = [
+        n for n, c in zip(source.class_names, source.category_ids, strict=True) if c not in boxed
+    ]
+    if len(empty) == len(source.class_names):
+        raise DatasetError(
+            f"the validation set ({len(source)} images) holds no box of the classes {empty}",
+            "check data.class_names against the dataset's classes, and the val split",
+        )
+    if empty:
+        log.warning("the validation set holds no box of %s: their AP is n/a", empty)
+
+
 def make_evaluator(source: DetectionSource, image_size: int, eval_cfg: DictConfig, progress: bool):
     """A callable model -> COCO metrics on `source`, as the trainer's periodic evaluation."""
     ground_truth = source.to_coco()
+    check_ground_truth(source, ground_truth)
 
     def evaluate(model: torch.nn.Module) -> dict:
         was_training = model.training

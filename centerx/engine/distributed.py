@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+# How long a collective waits for a rank that neither takes part nor dies (a dead rank is seen
+# at once: its connections close). Longer than any rank-0-only work between collectives.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun), known before joining."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
 
 def init_from_env(device: str) -> bool:
     """Join the process group when launched by torchrun; returns whether distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if launched_world_size() <= 1 or dist.is_initialized():
         return dist.is_initialized()
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
     if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
@@ -51,6 +62,12 @@ def all_true(flag: bool) -> bool:
     value = torch.tensor(int(flag), device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def progress_bars(enabled: bool) -> bool:
+    """Bars only where someone watches them: on rank 0, when stderr is a terminal (a log file
+    would fill with their redraws)."""
+    return bool(enabled) and is_main() and sys.stderr.isatty()
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from centerx.data.base import DetectionSource
+from centerx.data.base import DatasetError, DetectionSource
 from centerx.data.pipeline import EvalDataset, build_loader
 from centerx.engine import distributed as dist
+from centerx.errors import ConfigError
 from centerx.model.decode import decode, flip_merge
 from centerx_export.imaging import class_color, to_original
 
@@ -80,7 +81,7 @@ def predict_source(
         dataset = torch.utils.data.Subset(dataset, shard)
     loader = build_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
     results: list[dict] = []
-    for batch in tqdm(loader, desc="eval", disable=not (progress and dist.is_main()), leave=False):
+    for batch in tqdm(loader, desc="eval", disable=not dist.progress_bars(progress), leave=False):
         if "image" not in batch:
             continue
         boxes, scores, classes = (
@@ -121,14 +122,14 @@ def coco_backend(name: str | None = None) -> CocoBackend:
     pycocotools. "faster" or "pycocotools" forces one (to compare them, or to rule one out)."""
     name = name or os.environ.get(BACKEND_ENV) or "auto"
     if name not in BACKENDS:
-        raise ValueError(f"unknown COCO backend {name!r}: choose one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown COCO backend {name!r}: choose one of {', '.join(BACKENDS)}")
     if name != "pycocotools":
         try:
             from faster_coco_eval import COCO as FasterCOCO
             from faster_coco_eval import COCOeval_faster
         except ImportError:
             if name == "faster":
-                raise ValueError(
+                raise ConfigError(
                     "COCO backend 'faster' needs faster-coco-eval: pip install faster-coco-eval"
                 ) from None
         else:
@@ -184,7 +185,10 @@ def coco_scores(
     as source.to_coco() does."""
     if not detections:
         log.warning("no detections to evaluate: every metric is 0")
-        zero = dict.fromkeys(class_names, 0.0)
+        boxed = {a["category_id"] for a in ground_truth["annotations"]}
+        # A class without ground truth has no AP (n/a), as when there are detections.
+        categories = zip(class_names, ground_truth["categories"], strict=True)
+        zero = {name: 0.0 if c["id"] in boxed else None for name, c in categories}
         per_class = {"per_class_AP": zero, "per_class_AP50": dict(zero), "num_detections": 0}
         metrics = dict.fromkeys(SUMMARY_KEYS, 0.0) | per_class
         return Scores(metrics, np.zeros((10, 101, len(class_names))))
@@ -284,22 +288,22 @@ def check_results(records: object, source: DetectionSource, origin: str) -> list
     """`records` if they are COCO results on `source`'s images and categories; else one clear
     line (not a KeyError deep inside COCOeval)."""
     if not isinstance(records, list):
-        raise ValueError(f"{origin} holds a {type(records).__name__}; expected {RESULT_FORMAT}")
+        raise DatasetError(f"{origin} holds a {type(records).__name__}; expected {RESULT_FORMAT}")
     bad = next((i for i, r in enumerate(records) if not _is_result(r)), None)
     if bad is not None:
-        raise ValueError(
+        raise DatasetError(
             f"{origin}: record {bad} is {str(records[bad])[:80]}; expected {RESULT_FORMAT}"
         )
     image_ids = {source.image_info(i).image_id for i in range(len(source))}
     unknown = sorted({r["image_id"] for r in records} - image_ids, key=str)
     if unknown:
-        raise ValueError(
+        raise DatasetError(
             f"{origin} names image ids {unknown[:5]} not among the {len(image_ids)} images scored; "
             "pick the data and split it was made on (data=..., split=...)"
         )
     unknown = sorted({r["category_id"] for r in records} - set(source.category_ids), key=str)
     if unknown:
-        raise ValueError(
+        raise DatasetError(
             f"{origin} names category ids {unknown[:5]}; the data's are {source.category_ids}"
         )
     return records
@@ -309,11 +313,11 @@ def load_results(path: str | Path, source: DetectionSource) -> list[dict]:
     """A COCO results file made elsewhere (`eval results=PATH`), checked against `source`."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"results file not found: {path}")
+        raise DatasetError(f"results file not found: {path}")
     try:
         records = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(
+        raise DatasetError(
             f"results file {path} is not JSON ({err}); expected {RESULT_FORMAT}"
         ) from None
     return check_results(records, source, f"results file {path}")

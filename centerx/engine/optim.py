@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from centerx.errors import ConfigError
+
 
 def build_optimizer(
     factory: Callable[..., torch.optim.Optimizer], model: nn.Module, lr: float, weight_decay: float
@@ -43,7 +45,7 @@ def lr_factor(
         return gamma ** sum(step >= m * total_steps for m in milestones)
     if schedule == "constant":
         return 1.0
-    raise ValueError(f"unknown train.schedule={schedule!r}; use cosine, multistep or constant")
+    raise ConfigError(f"unknown train.schedule={schedule!r}; use cosine, multistep or constant")
 
 
 def build_scheduler(

@@ -19,6 +19,7 @@ from centerx.engine.evaluate import (
     write_evaluation,
 )
 from centerx.engine.predict import predict_files
+from centerx.errors import ConfigError
 from centerx.model.checkpoint import model_from_checkpoint
 from centerx_export.predictor import describe
 
@@ -36,7 +37,7 @@ class LoadedModel:
 def load_for_inference(cfg: DictConfig) -> LoadedModel:
     """`checkpoint=PATH.pt` (PyTorch) or `checkpoint=PATH.onnx`; sizes default to the model's own."""
     if not cfg.get("checkpoint"):
-        raise ValueError("say which model to use: checkpoint=PATH.pt or checkpoint=PATH.onnx")
+        raise ConfigError("say which model to use: checkpoint=PATH.pt or checkpoint=PATH.onnx")
     path = Path(cfg.checkpoint)
     if path.suffix == ".onnx":
         from centerx_export.predictor import OnnxDetector
@@ -62,12 +63,12 @@ def _model_detections(cfg: DictConfig, split: str) -> tuple[DetectionSource, lis
         cfg.data if cfg.get("data") is not None else OmegaConf.create(loaded.config.get("data"))
     )
     if not data_cfg:
-        raise ValueError(
+        raise ConfigError(
             "the model carries no data config; choose one with data=synthetic|voc|coco"
         )
     source = build_eval_source(data_cfg, split, loaded.class_names)
     if list(source.class_names) != loaded.class_names:
-        raise ValueError(
+        raise ConfigError(
             f"model classes {loaded.class_names} differ from the data's {source.class_names}"
         )
     detections = predict_source(
@@ -83,7 +84,7 @@ def eval_task(cfg: DictConfig) -> dict:
     split = cfg.get("split") or "val"
     if cfg.get("results"):
         if cfg.get("data") is None:
-            raise ValueError("results= needs the data it was made on: add data=synthetic|voc|coco")
+            raise ConfigError("results= needs the data it was made on: add data=synthetic|voc|coco")
         source = build_eval_source(cfg.data, split, cfg.data.get("class_names"))
         detections, title = load_results(cfg.results, source), str(cfg.results)
     else:
@@ -97,7 +98,7 @@ def predict_task(cfg: DictConfig) -> dict:
     """Images, folders and videos through the deployment kit's one predict loop, with either
     model (the JSON schema is the same; export/README.md documents it)."""
     if not cfg.get("input"):
-        raise ValueError("say what to predict on: input=IMAGE_FOLDER_OR_VIDEO")
+        raise ConfigError("say what to predict on: input=IMAGE_FOLDER_OR_VIDEO")
     loaded = load_for_inference(cfg)
     out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else run_dir()
     model_name = str(cfg.checkpoint)

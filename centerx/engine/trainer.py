@@ -8,9 +8,12 @@ evaluation, checkpoints (atomic, exact resume) and logs.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import random
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,9 +24,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from centerx.data.base import DatasetError
+from centerx.data.pipeline import SUBSTITUTES
 from centerx.engine import distributed as dist
 from centerx.engine.ema import ModelEMA
-from centerx.engine.optim import build_optimizer, build_scheduler
+from centerx.engine.optim import build_optimizer, build_scheduler, lr_factor
+from centerx.errors import CenterxError, ConfigError, Interrupted, check_number, signal_number
 from centerx.model.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from centerx.objectives import Objective
 from centerx.utils.metrics_log import MetricsLog
@@ -32,8 +38,33 @@ from centerx.utils.visualize import plot_curves
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(CenterxError, RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+# What resuming does with a setting that differs from the checkpoint's run (dotted config keys;
+# a key also covers everything under it). Checked in this order.
+# Followed without a word: where and how verbosely the run goes on.
+RESUME_FOLLOWED = (
+    "train.resume", "train.device", "train.progress", "train.num_threads", "train.log_every",
+    "data.num_workers", "eval", "samples", "overwrite", "model.init_from", "model.pretrained",
+    "main_job",
+)  # fmt: skip
+# Refused: the run's trajectory depends on them. The schedule counts steps (batch size, warm-up,
+# milestones), the optimizer state belongs to its optimizer and weight decay (which
+# load_state_dict would silently restore), the weights to their model, loss and objective.
+RESUME_REFUSED = (
+    "seed", "train.seed", "train.batch_size", "train.optimizer", "train.weight_decay",
+    "train.schedule", "train.warmup_epochs", "train.milestones", "train.ema", "data.image_size",
+    "model", "loss", "objective",
+)  # fmt: skip
+# Applied from the resumed step on, with a warning: train.lr rescales the schedule (its shape
+# kept), train.epochs (more only) re-plans it to the new total; the others are read every step.
+RESUME_APPLIED = (
+    "train.lr", "train.epochs", "train.grad_clip", "train.max_bad_steps", "train.eval_every",
+    "train.ema_decay",
+)  # fmt: skip
+# Anything else that changed (data paths, augmentation, ...) is applied and listed in a warning.
 
 
 class Weighter(Protocol):
@@ -51,11 +82,79 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"train.device={name} but no CUDA device is available; use train.device=cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"train.device={name!r} is not a device", "use cpu or cuda") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count <= (device.index or 0):
+            raise ConfigError(
+                f"train.device={name} but {count or 'no'} CUDA device(s) are available",
+                "use train.device=cpu",
+            )
+    return device
+
+
+def check_train_config(cfg: Any) -> None:
+    """The `train` settings, before any data is read (ConfigError naming the key)."""
+    for key in ("epochs", "batch_size", "eval_every", "log_every", "max_bad_steps"):
+        check_number(cfg, key, "train", integer=True, minimum=1)
+    check_number(cfg, "lr", "train", above=0)
+    check_number(cfg, "weight_decay", "train", minimum=0)
+    check_number(cfg, "warmup_epochs", "train", minimum=0)
+    check_number(cfg, "grad_clip", "train", above=0, optional=True)
+    check_number(cfg, "ema_decay", "train", above=0, below=1)
+    check_number(cfg, "num_threads", "train", integer=True, minimum=1, optional=True)
+    if not all(isinstance(m, float | int) and 0 < m < 1 for m in cfg.milestones):
+        raise ConfigError(f"train.milestones={list(cfg.milestones)} must be fractions in (0, 1)")
+    lr_factor(0, 1, 0, cfg.schedule, cfg.milestones)  # an unknown schedule name
+    world = dist.launched_world_size()
+    if cfg.batch_size < world:
+        raise ConfigError(
+            f"train.batch_size={cfg.batch_size} is the global batch: less than one image for "
+            f"each of the {world} processes",
+            f"use train.batch_size={world} or more",
         )
-    return torch.device(name)
+    resolve_device(cfg.device)
+    if cfg.resume and not Path(cfg.resume).is_file():
+        what = "is a folder" if Path(cfg.resume).is_dir() else "does not exist"
+        raise ConfigError(
+            f"train.resume={cfg.resume} {what}",
+            "give a checkpoint file, e.g. RUN/checkpoints/last.pt",
+        )
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
+
+
+def _covers(prefixes: tuple[str, ...], key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def resume_changes(saved: Mapping, current: Mapping) -> dict[str, list[str]]:
+    """The settings of `current` (a run config) that differ from `saved` (the checkpoint's),
+    as "key: old -> new" under "refused", "applied" and "other" (see RESUME_*)."""
+    old, new = _flatten(saved), _flatten(current)
+    changes: dict[str, list[str]] = {"refused": [], "applied": [], "other": []}
+    for key in sorted(old.keys() & new.keys()):
+        if old[key] == new[key] or _covers(RESUME_FOLLOWED, key):
+            continue
+        kind = (
+            "refused"
+            if _covers(RESUME_REFUSED, key)
+            else "applied"
+            if _covers(RESUME_APPLIED, key)
+            else "other"
+        )
+        changes[kind].append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return changes
 
 
 def _rng_state() -> dict:
@@ -97,9 +196,7 @@ class Trainer:
         self.evaluate_fn = evaluate
         self.steps_per_epoch = len(train_loader)
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                "the training set gives no batches: is it empty, or batch_size too large with drop_last?"
-            )
+            raise DatasetError("the training set is empty", "check the data settings")
         total = cfg.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(
             instantiate(cfg.optimizer), self.model, cfg.lr, cfg.weight_decay
@@ -126,8 +223,10 @@ class Trainer:
         self.global_step = 0
         self.best_ap = -1.0
         self.bad_steps = 0
-        self.skipped_images = 0
+        self.skipped_images = 0  # reads that failed (an unreadable image fails every epoch)
+        self.unreadable_images: set[int] = set()  # which images (training set indices)
         self.last_eval: dict | None = None
+        self.saved: tuple[Path, int] | None = None  # the latest last.pt and the epoch it holds
 
     # ----------------------------------------------------------------- state
     @property
@@ -151,10 +250,42 @@ class Trainer:
         }
 
     def resume(self, path: str | Path) -> None:
+        """Continue the run of checkpoint `path`: refuse changed settings the trajectory depends
+        on, apply the others (RESUME_*); in the same run directory, metrics.jsonl is cut back
+        to the checkpoint's step, in a new one the run's best.pt comes along."""
+        path = Path(path)
         state = load_checkpoint(path)
         check_compatible(
             state, path, self.meta["model_config"]["backbone"], self.meta["class_names"]
         )
+        saved_config = state.get("config") or {}
+        changes = resume_changes(saved_config, self.meta.get("config") or {})
+        if changes["refused"]:
+            raise ConfigError(
+                f"cannot resume {path} with changed {'; '.join(changes['refused'])}",
+                "resume with the checkpoint's settings, or start a new run from its weights "
+                f"with model.init_from={path}",
+            )
+        if state["epoch"] >= self.cfg.epochs:
+            raise ConfigError(
+                f"{path} holds epoch {state['epoch']}: train.epochs={self.cfg.epochs} leaves "
+                "nothing to train",
+                f"raise train.epochs above {state['epoch']}; `eval checkpoint={path}` scores it",
+            )
+        self._load_state(state)
+        if changes["applied"]:
+            log.warning(
+                "resuming with changed settings, applied: %s", "; ".join(changes["applied"])
+            )
+            self._replan_schedule(float(saved_config.get("train", {}).get("lr", self.cfg.lr)))
+        if changes["other"]:
+            log.warning("resuming with other changed settings: %s", "; ".join(changes["other"]))
+        self.saved = (path, self.epoch)
+        self.metrics.truncate(self.global_step)
+        self._carry_best(path)
+        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.global_step)
+
+    def _load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"], state.get("ema_updates", 0))
@@ -164,11 +295,46 @@ class Trainer:
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best_ap = state.get("best_ap", -1.0)
         _set_rng_state(state["rng"])
-        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.global_step)
+
+    def _replan_schedule(self, saved_lr: float) -> None:
+        """The learning rate from the resumed step on, under this run's train.lr (the saved
+        base rates rescaled) and train.epochs (the scheduler's total steps)."""
+        factor = float(self.cfg.lr) / saved_lr
+        scheduler = self.scheduler
+        scheduler.base_lrs = [base * factor for base in scheduler.base_lrs]
+        rates = [
+            base * fn(scheduler.last_epoch)
+            for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        ]
+        for group, base, rate in zip(
+            self.optimizer.param_groups, scheduler.base_lrs, rates, strict=True
+        ):
+            group["initial_lr"], group["lr"] = base, rate
+        scheduler._last_lr = rates
+
+    def _carry_best(self, resumed: Path) -> None:
+        """Resuming into another run directory: the run's best.pt (beside the resumed checkpoint)
+        comes along, so the best model so far is kept even when no later epoch beats it."""
+        own = self.run_dir / "checkpoints" / "best.pt"
+        best = resumed.parent / "best.pt"
+        if own.parent.resolve() == resumed.parent.resolve():
+            return
+        if not best.is_file():
+            self.best_ap = -1.0  # the first evaluation here writes best.pt
+            return
+        if dist.is_main():
+            own.parent.mkdir(parents=True, exist_ok=True)
+            partial = own.with_name(own.name + ".tmp")
+            shutil.copyfile(best, partial)
+            os.replace(partial, own)
+            log.info("copied the run's best.pt (AP %.3f) from %s", self.best_ap, best)
+        dist.barrier()
 
     def _save(self, name: str) -> None:
         if dist.is_main():
             save_checkpoint(self.run_dir / "checkpoints" / name, self._state())
+        if name == "last.pt":
+            self.saved = (self.run_dir / "checkpoints" / name, self.epoch)
         # Other ranks read these files next (finish_run loads best.pt): wait until they exist.
         dist.barrier()
 
@@ -222,15 +388,22 @@ class Trainer:
         self.bad_steps += 1
         tqdm.write(f"[centerx] step {self.global_step}: {why}; step skipped ({logs})")
         if self.bad_steps >= self.cfg.max_bad_steps:
+            last = self.saved[0] if self.saved else None
+            hint = "try a lower train.lr, or loss=adaptive"
+            if last:  # a changed lr is applied on resume
+                hint = f"resume from it with a lower lr: train.resume={last} train.lr=...; {hint}"
             raise TrainingDiverged(
-                f"{self.bad_steps} consecutive non-finite steps; stopping. The last good checkpoint is "
-                f"{self.run_dir / 'checkpoints' / 'last.pt'}. Try a lower train.lr or loss=adaptive."
+                f"{self.bad_steps} consecutive non-finite steps; stopping. The last good "
+                f"checkpoint is {last or 'none yet'}",
+                hint,
             )
         # The scheduler still advances so the step count matches the data seen.
         self.scheduler.step()
         return None
 
-    def _train_epoch(self) -> dict[str, float]:
+    def _train_epoch(self) -> tuple[dict[str, float], int]:
+        """One pass over the loader: the mean of each logged value, and the number of objects
+        (boxes) the batches held."""
         self.wrapped.train()
         self.loader.generator.manual_seed(self.cfg.seed * 100003 + self.epoch)
         if hasattr(self.loader.dataset, "epoch"):
@@ -239,17 +412,24 @@ class Trainer:
             self.loader.sampler.set_epoch(self.epoch)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}  # per key: a weighter may skip a term in some steps
+        objects = 0
         bar = tqdm(
             self.loader,
             desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-            disable=not (self.cfg.progress and dist.is_main()),
+            disable=not dist.progress_bars(self.cfg.progress),
             leave=False,
             dynamic_ncols=True,
         )
         for batch in bar:
-            self.skipped_images += batch.get("num_skipped", 0)
-            if "image" not in batch:
-                continue
+            self.skipped_images += batch["num_skipped"]
+            self.unreadable_images.update(batch.get("unreadable", ()))
+            if "image" not in batch:  # no image of the batch, nor any substitute, was readable
+                raise DatasetError(
+                    f"{batch['num_skipped']} training images in a row could not be read (each "
+                    f"image and the {SUBSTITUTES} after it)",
+                    "the warnings above name the files: check data.root and the images",
+                )
+            objects += int(batch["mask"].sum()) if "mask" in batch else 0
             lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (logged below)
             logs = self._step(self._to_device(batch))
             self.global_step += 1
@@ -269,7 +449,7 @@ class Trainer:
                         **logs,
                     }
                 )
-        return {key: value / counts[key] for key, value in sums.items()}
+        return {key: value / counts[key] for key, value in sums.items()}, objects
 
     def _maybe_evaluate(self) -> None:
         last = self.epoch == self.cfg.epochs
@@ -290,24 +470,58 @@ class Trainer:
             self.best_ap = metrics["AP"]
             self._save("best.pt")
 
+    def _log_epoch(self, means: dict[str, float], objects: int, seconds: float) -> None:
+        """One line per epoch (what a log file keeps; the bars are for terminals)."""
+        if not dist.is_main():
+            return
+        loss = means.get("loss", math.nan)
+        lr = self.optimizer.param_groups[0]["lr"]
+        log.info(
+            "epoch %d/%d: loss %.4f  lr %.2e  %.1f s",
+            self.epoch,
+            self.cfg.epochs,
+            loss,
+            lr,
+            seconds,
+        )
+        if objects == 0:
+            log.warning(
+                "epoch %d: the training batches held no object of the classes %s: the model "
+                "learns to detect nothing (check data.class_names against the dataset's)",
+                self.epoch,
+                self.meta.get("class_names"),
+            )
+
+    def _interrupted(self, interrupt: BaseException) -> Interrupted:
+        """What was kept, and the command line that continues (in the same run directory)."""
+        where = f"interrupted in epoch {self.epoch + 1}"
+        signum = signal_number(interrupt)
+        if self.saved is None:
+            return Interrupted(f"{where}, before the first checkpoint", "start again", signum)
+        path, epoch = self.saved
+        return Interrupted(
+            f"{where}; checkpoints/{path.name} holds epoch {epoch}",
+            f"resume with: train.resume={path} hydra.run.dir={self.run_dir}",
+            signum,
+        )
+
     def fit(self) -> dict | None:
-        """Train to cfg.epochs; returns the last evaluation's metrics."""
+        """Train to cfg.epochs; returns the last evaluation's metrics. Ctrl-C or SIGTERM raise
+        Interrupted (last.pt, written whole at each epoch's end, is kept)."""
         started = time.time()
         try:
             while self.epoch < self.cfg.epochs:
-                means = self._train_epoch()
+                epoch_started = time.time()
+                means, objects = self._train_epoch()
                 self.epoch += 1
                 self.metrics.write(
                     {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, **means}
                 )
+                self._log_epoch(means, objects, time.time() - epoch_started)
                 self._maybe_evaluate()
                 self._save("last.pt")
-        except KeyboardInterrupt:
-            tqdm.write(
-                f"[centerx] interrupted in epoch {self.epoch + 1}; checkpoints/last.pt holds epoch "
-                f"{self.epoch}. Resume with train.resume={self.run_dir / 'checkpoints' / 'last.pt'}"
-            )
-            raise
+        except KeyboardInterrupt as interrupt:
+            raise self._interrupted(interrupt) from interrupt
         finally:
             if dist.is_main() and (self.run_dir / "metrics.jsonl").is_file():
                 plot_curves(
@@ -316,8 +530,13 @@ class Trainer:
                     str(self.run_dir.name),
                 )
         if self.skipped_images:
-            log.warning("%d unreadable images were skipped during training", self.skipped_images)
-        if self.best_ap < 0:  # no evaluation ran: best is the final model
+            log.warning(
+                "%d unreadable training images were skipped, %d times in all (each time "
+                "replaced by the next readable image)",
+                len(self.unreadable_images),
+                self.skipped_images,
+            )
+        if not (self.run_dir / "checkpoints" / "best.pt").is_file():  # no evaluation ran
             self._save("best.pt")
         log.info("trained %d epochs in %.1f s", self.cfg.epochs, time.time() - started)
         return self.last_eval

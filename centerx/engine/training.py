@@ -7,19 +7,23 @@ or `objective=distill`); everything else is this code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from centerx.data.base import DetectionSource
+from centerx.data.base import DetectionSource, ImageReadError
+from centerx.data.pipeline import check_data_config
 from centerx.engine import distributed as dist
+from centerx.engine import run_directory
 from centerx.engine.build import (
     build_sources,
     build_train_loader,
+    check_eval_config,
     checkpoint_meta,
     make_evaluator,
     run_dir,
@@ -28,8 +32,14 @@ from centerx.engine.build import (
 )
 from centerx.engine.evaluate import Predictor, predict_source, torch_predictor, write_evaluation
 from centerx.engine.predict import predict_image
-from centerx.engine.trainer import Trainer, resolve_device, seed_everything
-from centerx.model.centernet import CenterNet, build_model
+from centerx.engine.trainer import (
+    Trainer,
+    check_train_config,
+    resolve_device,
+    seed_everything,
+)
+from centerx.errors import ConfigError, check_number
+from centerx.model.centernet import CenterNet, build_model, check_model_config
 from centerx.model.checkpoint import init_from_checkpoint, model_from_checkpoint
 from centerx.objectives import Objective, ObjectiveContext
 from centerx.utils.visualize import draw_detections, image_grid, save_rgb
@@ -52,10 +62,10 @@ def check_weighter_covers(weighter: Any, term_names: Sequence[str]) -> None:
     missing = [name for name in term_names if name not in table]
     if missing:
         key = "targets" if hasattr(weighter, "targets") else "weights"
-        raise KeyError(
+        raise ConfigError(
             f"the loss weighter {type(weighter).__name__} has no entry for loss term(s) "
-            f"{missing} (configured: {sorted(table)}); use loss=adaptive or add them, e.g. "
-            f"+loss.weighter.{key}.{missing[0]}=1.0"
+            f"{missing} (configured: {sorted(table)})",
+            f"use loss=adaptive or add them, e.g. +loss.weighter.{key}.{missing[0]}=1.0",
         )
 
 
@@ -125,9 +135,15 @@ def draw_samples(
         return
     tiles = []
     for index in range(0, len(source), max(1, len(source) // count))[:count]:
-        image = source.load_image(index)
+        try:
+            image = source.load_image(index)
+        except ImageReadError as err:  # evaluation skipped it too
+            log.warning("samples.png: skipping unreadable image: %s", err)
+            continue
         boxes, scores, classes = predict_image(predictor, image, image_size, score_threshold)
         tiles.append(draw_detections(image, boxes, scores, classes, source.class_names))
+    if not tiles:
+        return
     per_row = 4
     save_rgb(out_path, image_grid([tiles[i : i + per_row] for i in range(0, len(tiles), per_row)]))
 
@@ -157,19 +173,47 @@ def finish_run(cfg: DictConfig, out_dir: Path, val_source: DetectionSource) -> d
     return metrics
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Every sub-config a training run uses, before any data is read or anything is written
+    (each check lives beside the code that uses its settings)."""
+    check_train_config(cfg.train)
+    check_data_config(cfg.data)
+    check_model_config(cfg.model)
+    check_eval_config(cfg.eval)
+    check_number(cfg.samples, "count", "samples", integer=True, minimum=0)
+    check_number(cfg.samples, "score_threshold", "samples", minimum=0, below=1)
+    if not isinstance(cfg.get("overwrite"), bool):
+        raise ConfigError(f"overwrite={cfg.get('overwrite')!r} must be true or false")
+
+
+@contextlib.contextmanager
+def claim_run_dir(
+    cfg: DictConfig, out_dir: Path, resuming: bool, resume_with: str
+) -> Iterator[None]:
+    """Hold the run directory (centerx.engine.run_directory) and record the config in it."""
+    overwrite = bool(cfg.overwrite)
+    with run_directory.claim(
+        out_dir, resuming=resuming, overwrite=overwrite, resume_with=resume_with
+    ):
+        save_config(cfg, out_dir)
+        yield
+
+
 def train_task(cfg: DictConfig) -> dict:
     """`run.sh train` and `run.sh distill`: train, evaluate best.pt, draw samples."""
+    check_config(cfg)
     setup_process(cfg.train)
     out_dir = run_dir()
-    save_config(cfg, out_dir)
-    train_source, val_source = build_sources(cfg.data)
-    log.info(
-        "train: %d images, val: %d images, classes %s",
-        len(train_source),
-        len(val_source),
-        train_source.class_names,
-    )
-    train_model(cfg, train_source, val_source, out_dir)
-    metrics = finish_run(cfg, out_dir, val_source)
+    resuming = run_directory.resumes_into(cfg.train.resume, out_dir)
+    with claim_run_dir(cfg, out_dir, resuming, f"train.resume={out_dir}/checkpoints/last.pt"):
+        train_source, val_source = build_sources(cfg.data)
+        log.info(
+            "train: %d images, val: %d images, classes %s",
+            len(train_source),
+            len(val_source),
+            train_source.class_names,
+        )
+        train_model(cfg, train_source, val_source, out_dir)
+        metrics = finish_run(cfg, out_dir, val_source)
     dist.shutdown()
     return {key: metrics[key] for key in ("AP", "AP50")} | {"run_dir": str(out_dir)}

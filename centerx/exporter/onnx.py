@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from centerx.engine.build import build_sources, run_dir
+from centerx.errors import UsageError
 from centerx.exporter.parity import verify_onnx, verify_torchscript
 from centerx.model.checkpoint import model_from_checkpoint
 from centerx.model.decode import decode, peak_mask
@@ -65,7 +66,7 @@ METADATA_FORMAT = 1
 FLOAT_INDEX_LIMIT = 2**24  # the exporter splits flat indices with float Div+Floor: exact below this
 
 
-class ExportError(ValueError):
+class ExportError(UsageError):
     """An export option or input is invalid (unknown mode, bad size, ...)."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from centerx.errors import ConfigError
 from centerx.model.heads import CenterNetHeads
 from centerx.model.neck import UpsampleNeck
 
@@ -60,7 +62,7 @@ def _skip_channels(backbone: nn.Module, layout: list[tuple[int, int]]) -> list[i
     channels = dict(layout)  # the last piece at each stride wins
     missing = [s for s in NECK_STRIDES if s not in channels]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"{type(backbone).__name__} has no stage at stride {missing}: use model.skip_connections=false"
         )
     return [channels[s] for s in NECK_STRIDES]
@@ -125,19 +127,32 @@ class CenterNet(nn.Module):
         return self.heads(self.features(images))
 
 
+def backbone_preset(cfg: DictConfig) -> DictConfig:
+    """The model.backbones preset that model.backbone names."""
+    if cfg.backbone not in cfg.backbones:
+        raise ConfigError(
+            f"unknown model.backbone={cfg.backbone!r}; available: {sorted(cfg.backbones)}",
+            "add one under model.backbones in conf/model/centernet.yaml",
+        )
+    return cfg.backbones[cfg.backbone]
+
+
+def check_model_config(cfg: DictConfig) -> None:
+    """The `model` settings, before any data is read: a known backbone, an existing init_from."""
+    backbone_preset(cfg)
+    if cfg.get("init_from") and not Path(cfg.init_from).is_file():
+        raise ConfigError(
+            f"model.init_from={cfg.init_from} is not a file", "give a centerx checkpoint (.pt)"
+        )
+
+
 def build_model(
     model_cfg: Mapping[str, Any] | DictConfig, num_classes: int, pretrained: Any = None
 ) -> CenterNet:
     """Build from the `model` config group. `pretrained`, when not None, overrides the preset's
     (teachers rebuilt from checkpoints pass False: their weights come from the checkpoint)."""
     cfg = model_cfg if isinstance(model_cfg, DictConfig) else OmegaConf.create(dict(model_cfg))
-    presets = cfg.backbones
-    if cfg.backbone not in presets:
-        raise ValueError(
-            f"unknown model.backbone={cfg.backbone!r}; available: {sorted(presets)} "
-            "(add one under model.backbones in conf/model/centernet.yaml)"
-        )
-    preset = presets[cfg.backbone]
+    preset = backbone_preset(cfg)
     choice = cfg.get("pretrained") if pretrained is None else pretrained
     kwargs = {} if choice is None else {"pretrained": choice}
     backbone = instantiate(preset.module, **kwargs)

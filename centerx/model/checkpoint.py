@@ -11,12 +11,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from centerx.errors import CenterxError, system_error
 from centerx.model.centernet import CenterNet, build_model
 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CenterxError, RuntimeError):
     """A checkpoint is missing, unreadable, or belongs to a different model."""
 
 
@@ -46,20 +47,27 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a kill (KeyboardInterrupt) or full disk mid-write: leave no debris
+    except BaseException as err:  # a kill (KeyboardInterrupt) or full disk mid-write: no debris
         tmp.unlink(missing_ok=True)
+        system = system_error(err)
+        if system is not None and not system.filename:  # write() names no file: say which
+            raise OSError(system.errno, system.strerror, str(path)) from err
         raise
 
 
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated/foreign files
+        reason = (str(err).strip().splitlines() or [""])[0]  # torch adds paragraphs of advice
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(err).__name__}: {err}"
+            f"cannot read checkpoint {path}: {type(err).__name__}: {reason}",
+            "is it a centerx .pt checkpoint, written whole?",
         ) from err
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise CheckpointError(

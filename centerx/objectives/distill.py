@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from centerx.errors import UsageError
 from centerx.losses.centernet_loss import CenterNetLoss
 from centerx.losses.distill import masked_dense_l1, teacher_peak_weight
 from centerx.model.centernet import OUTPUT_STRIDE
@@ -54,7 +55,7 @@ BALANCES = ("sum", "separate")
 HeatmapLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class DistillConfigError(ValueError):
+class DistillConfigError(UsageError):
     """The teachers or their class maps cannot teach this student."""
 
 

@@ -42,7 +42,8 @@ from centerx.engine.build import (
 )
 from centerx.engine.evaluate import evaluate_predictor, format_table, torch_predictor
 from centerx.engine.pseudo_label import pseudo_label
-from centerx.engine.training import train_model
+from centerx.engine.run_directory import clear_outputs
+from centerx.engine.training import check_config, claim_run_dir, train_model
 from centerx.model.checkpoint import model_from_checkpoint
 from centerx.recipes import report
 from centerx.recipes.overrides import command, override, override_key
@@ -209,7 +210,7 @@ def run_stage(stage: Stage, out_dir: Path, reuse: bool) -> float:
         log.info("[main] %s: reusing %s", stage.name, stage.checkpoint(out_dir))
         return 0.0
     started = time.time()
-    (stage_dir / "metrics.jsonl").unlink(missing_ok=True)  # a rerun starts a fresh log
+    clear_outputs(stage_dir)  # a rerun starts afresh (no old log or best.pt mixed in)
     save_config(stage.cfg, stage_dir)
     train_source, val_source = build_sources(stage.cfg.data)
     train_model(stage.cfg, train_source, val_source, stage_dir)
@@ -266,10 +267,16 @@ def training_union(cfg: DictConfig) -> SourceUnion:
 
 
 def main_job_task(cfg: DictConfig) -> dict:
-    started = time.time()
+    """The job in its own run directory (main_job.reuse=true continues one)."""
+    check_config(cfg)
     setup_process(cfg.train)
     out_dir = run_dir()
-    save_config(cfg, out_dir)
+    with claim_run_dir(cfg, out_dir, bool(cfg.main_job.reuse), "main_job.reuse=true"):
+        return run_main_job(cfg, out_dir)
+
+
+def run_main_job(cfg: DictConfig, out_dir: Path) -> dict:
+    started = time.time()
     teachers = teacher_groups(cfg, training_union(cfg))
     base = base_overrides()
     stages = plan_stages(cfg, teachers, out_dir)

@@ -12,11 +12,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from centerx.errors import CenterxError
+
 # ImageNet statistics in the 0..255 RGB scale (torchvision's 0..1 values x 255).
 IMAGENET_MEAN_255: tuple[float, float, float] = (123.675, 116.28, 103.53)
 IMAGENET_STD_255: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
 _MAX_LISTED = 10  # keys listed per category in an error message
+
+
+class WeightsError(CenterxError, RuntimeError):
+    """Pretrained backbone weights cannot be read, fetched or loaded."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
@@ -27,7 +33,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors have no common base class
-        raise RuntimeError(f"Could not read backbone checkpoint {file}: {e}") from e
+        raise WeightsError(f"Could not read backbone checkpoint {file}: {e}") from e
     return extract_state_dict(obj, source=str(file))
 
 
@@ -39,7 +45,7 @@ def extract_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Ten
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise RuntimeError(
+        raise WeightsError(
             f"{source} is not a state dict (expected a mapping of name -> tensor, "
             "optionally under a 'state_dict' or 'model' key)"
         )
@@ -84,5 +90,5 @@ def load_state_strict(
             msg += _listing("unexpected keys", unexpected)
         if mismatched:
             msg += _listing("shape mismatches", mismatched)
-        raise RuntimeError(msg)
+        raise WeightsError(msg)
     module.load_state_dict(state, strict=True)

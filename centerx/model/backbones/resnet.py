@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from centerx.model.backbones.common import (
     IMAGENET_MEAN_255,
     IMAGENET_STD_255,
+    WeightsError,
     load_state_strict,
     read_checkpoint,
 )
@@ -160,7 +161,7 @@ def download_torchvision_weights(arch: str) -> Path:
     try:
         torch.hub.download_url_to_file(url, str(file), hash_prefix=hash_prefix, progress=True)
     except (OSError, HTTPException, RuntimeError) as e:  # URLError is an OSError
-        raise RuntimeError(
+        raise WeightsError(
             f"Downloading the torchvision {arch} weights failed (offline?): {e}\n"
             f"  URL: {url}\n"
             f"  Fetch that file elsewhere and either put it at {file} or pass its local "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from centerx.errors import ConfigError
 from centerx.model.backbones.common import IMAGENET_MEAN_255, IMAGENET_STD_255
 
 
@@ -31,9 +32,9 @@ class TinyBackbone(nn.Module):
     def __init__(self, width: int = 16, pretrained: bool = False):
         super().__init__()
         if pretrained:
-            raise ValueError("TinyBackbone has no pretrained weights; use model.pretrained=null")
+            raise ConfigError("TinyBackbone has no pretrained weights; use model.pretrained=null")
         if width < 1:
-            raise ValueError(f"TinyBackbone width must be >= 1, got {width}")
+            raise ConfigError(f"TinyBackbone width must be >= 1, got {width}")
         w = width
         self.stem = conv_bn_relu(3, w, stride=2)
         self.stage1 = self._stage(w, 2 * w)
