@@ -15,9 +15,12 @@ batch:
   forward, the same CenterNet loss and term weights, loss.backward(), AdamW step. It lacks,
   against `centerx`: the NaN guard (finite checks, BatchNorm buffers copied each step), gradient
   clipping, the learning-rate schedule, EMA, and weight decay split by parameter kind (all of
-  which cost centerx time); it runs in PyTorch's defaults: float32, NCHW (contiguous) layout.
-  So centerx is faster only through the flags it is run with: train.channels_last=true (NHWC
-  convolutions: ~1.3x on this CPU) or train.amp (bf16/fp16 autocast, a GPU's gain);
+  which cost centerx time); it runs in PyTorch's defaults: float32, NCHW (contiguous) layout,
+  AdamW's per-tensor loop. So centerx can only be faster through what it is configured with:
+  train.channels_last=true (NHWC convolutions and batch norms, faster on CPU too), a fused
+  optimizer step (+train.optimizer.fused=true: one kernel over all parameters instead of a
+  Python loop over tensors, several times faster for AdamW on CPU), train.amp (bf16/fp16
+  autocast: a GPU's or a bf16-capable CPU's gain);
 * data-pipeline images/s of ONE worker: TrainingDataset.__getitem__ (read/render, augment,
   targets) + collate of one batch in this process, and its ratio to training throughput, per
   worker and for data.num_workers workers (>1: the loader keeps up; on CPU the workers also

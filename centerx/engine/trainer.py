@@ -29,6 +29,7 @@ from centerx.data.pipeline import SUBSTITUTES
 from centerx.engine import distributed as dist
 from centerx.engine.ema import ModelEMA
 from centerx.engine.optim import build_optimizer, build_scheduler, lr_factor
+from centerx.engine.precision import AutocastForward, autocast_dtype
 from centerx.errors import CenterxError, ConfigError, Interrupted, check_number, signal_number
 from centerx.model.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from centerx.objectives import Objective
@@ -116,7 +117,7 @@ def check_train_config(cfg: Any) -> None:
             f"each of the {world} processes",
             f"use train.batch_size={world} or more",
         )
-    resolve_device(cfg.device)
+    autocast_dtype(cfg.get("amp"), resolve_device(cfg.device))  # checks train.amp too
     if cfg.resume and not Path(cfg.resume).is_file():
         what = "is a folder" if Path(cfg.resume).is_dir() else "does not exist"
         raise ConfigError(
@@ -187,7 +188,13 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        self.channels_last = bool(cfg.get("channels_last", False))
         self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        amp = autocast_dtype(cfg.get("amp"), self.device)
+        # fp16 gradients underflow without a loss scale; disabled, the scaler passes through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
         self.objective = objective
         self.weighter = weighter
         self.loader = train_loader
@@ -218,6 +225,8 @@ class Trainer:
                 # head's parameters without a gradient there; DDP must count them as zero.
                 find_unused_parameters=weighter.may_skip_terms,
             )
+        if amp is not None:
+            self.wrapped = AutocastForward(self.wrapped, self.device.type, amp)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=dist.is_main())
         self.epoch = 0  # epochs completed
         self.global_step = 0
@@ -242,6 +251,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "weighter": self.weighter.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "global_step": self.global_step,
             "best_ap": self.best_ap,
@@ -292,6 +302,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.weighter.load_state_dict(state.get("weighter", {}))
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best_ap = state.get("best_ap", -1.0)
         _set_rng_state(state["rng"])
@@ -340,10 +352,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _to_device(self, batch: dict) -> dict:
-        return {
+        batch = {
             k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
             for k, v in batch.items()
         }
+        if self.channels_last and "image" in batch:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        return batch
 
     def _step(self, batch: dict) -> dict[str, float] | None:
         # The forward updates BatchNorm running statistics (to NaN/inf when activations
@@ -367,14 +382,17 @@ class Trainer:
                 else "non-finite loss on another rank"
             )
             return self._bad_step(why, logs, buffers)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip else float("inf")
         )
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()  # fp16: a lower loss scale for the next step
             return self._bad_step(f"non-finite gradient norm {float(grad_norm)}", logs, buffers)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         if self.ema:
             self.ema.update(self.model)
