@@ -357,11 +357,13 @@ def describe(summary: dict, out_dir: str | Path) -> str:
 
 
 def _progress(items: Iterable, total: int | None, desc: str, enabled: bool) -> Iterable:
-    """A tqdm progress bar where tqdm is installed (it is optional on a device)."""
+    """A tqdm progress bar where tqdm is installed (it is optional on a device), and only when
+    stderr is a terminal: a log file would fill with its redraws."""
     try:
         from tqdm import tqdm
     except ImportError:
         return items
+    enabled = enabled and sys.stderr.isatty()
     return tqdm(items, total=total, desc=desc, disable=not enabled, leave=False)
 
 

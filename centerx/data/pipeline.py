@@ -59,6 +59,7 @@ def check_data_config(data_cfg: DictConfig) -> None:
     check_number(data_cfg, "max_objects", "data", integer=True, minimum=1)
     check_number(data_cfg, "min_overlap", "data", above=0, below=1)
     check_number(data_cfg, "num_workers", "data", integer=True, minimum=0)
+    check_number(data_cfg, "cache", "data", minimum=0)
     parts = data_cfg.get("parts")  # None when absent or still ???
     nodes = [("data", data_cfg)] + [
         (f"data.parts[{i}]", part) for i, part in enumerate(parts or [])
@@ -202,6 +203,7 @@ def build_loader(
     seed: int = 0,
     distributed: bool = False,
     drop_last: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
     sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if distributed else None
     generator = torch.Generator().manual_seed(seed)
@@ -214,6 +216,7 @@ def build_loader(
         collate_fn=collate,
         drop_last=drop_last,
         generator=generator,
+        pin_memory=pin_memory,  # page-locked batches: host-to-GPU copies overlap compute
         # Not persistent: workers keep the dataset copy they started with, so the trainer's
         # per-epoch `dataset.epoch` (new augmentations each epoch) would never reach them, and
         # the shuffle order would depend on whether the workers were just started (inexact resume).

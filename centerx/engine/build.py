@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from centerx.data.base import DatasetError, DetectionSource
+from centerx.data.cache import CachedImages
 from centerx.data.pipeline import TrainingDataset, build_loader
 from centerx.engine import distributed as dist
 from centerx.engine.evaluate import evaluate_predictor, torch_predictor
@@ -43,9 +44,14 @@ def setup_process(train_cfg: DictConfig) -> None:
 
 
 def build_sources(data_cfg: DictConfig) -> tuple[DetectionSource, DetectionSource]:
-    """Train and val sources; val takes the class list train discovered or was given."""
+    """Train and val sources; val takes the class list train discovered or was given. With
+    `data.cache` (MiB) both keep their decoded images in RAM, filled here, in the main process,
+    so that the loader workers forked from it share them."""
     train = instantiate(data_cfg.train)
-    return train, build_eval_source(data_cfg, "val", list(train.class_names))
+    val = build_eval_source(data_cfg, "val", list(train.class_names))
+    if data_cfg.get("cache"):
+        train, val = CachedImages(train, data_cfg.cache), CachedImages(val, data_cfg.cache)
+    return train, val
 
 
 def build_eval_source(data_cfg: DictConfig, split: str, class_names: list[str]) -> DetectionSource:
@@ -55,7 +61,11 @@ def build_eval_source(data_cfg: DictConfig, split: str, class_names: list[str]) 
 
 
 def build_train_loader(
-    data_cfg: DictConfig, source: DetectionSource, batch_size: int, seed: int
+    data_cfg: DictConfig,
+    source: DetectionSource,
+    batch_size: int,
+    seed: int,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     dataset = TrainingDataset(
         source,
@@ -74,6 +84,7 @@ def build_train_loader(
         seed=seed,
         distributed=dist.is_distributed(),
         drop_last=len(dataset) > per_rank,
+        pin_memory=pin_memory,
     )
 
 
@@ -93,6 +104,7 @@ def check_eval_config(eval_cfg: DictConfig) -> None:
     """The `eval` settings (shared by every subcommand that scores or predicts)."""
     check_number(eval_cfg, "batch_size", "eval", integer=True, minimum=1)
     check_number(eval_cfg, "top_k", "eval", integer=True, minimum=1)
+    check_number(eval_cfg, "num_workers", "eval", integer=True, minimum=0)
 
 
 def check_ground_truth(source: DetectionSource, ground_truth: dict) -> None:
@@ -125,6 +137,7 @@ def make_evaluator(source: DetectionSource, image_size: int, eval_cfg: DictConfi
             source,
             image_size,
             batch_size=eval_cfg.batch_size,
+            num_workers=eval_cfg.num_workers,
             ground_truth=ground_truth,
             progress=progress,
         )

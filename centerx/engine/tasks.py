@@ -72,7 +72,11 @@ def _model_detections(cfg: DictConfig, split: str) -> tuple[DetectionSource, lis
             f"model classes {loaded.class_names} differ from the data's {source.class_names}"
         )
     detections = predict_source(
-        loaded.predictor, source, loaded.image_size, batch_size=cfg.eval.batch_size
+        loaded.predictor,
+        source,
+        loaded.image_size,
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.eval.num_workers,
     )
     return source, detections, str(cfg.checkpoint)
 

@@ -235,6 +235,7 @@ class Trainer:
         self.skipped_images = 0  # reads that failed (an unreadable image fails every epoch)
         self.unreadable_images: set[int] = set()  # which images (training set indices)
         self.last_eval: dict | None = None
+        self.train_seconds = 0.0  # wall time in training epochs (evaluation excluded), resumed too
         self.saved: tuple[Path, int] | None = None  # the latest last.pt and the epoch it holds
 
     # ----------------------------------------------------------------- state
@@ -255,6 +256,7 @@ class Trainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "best_ap": self.best_ap,
+            "train_seconds": self.train_seconds,
             "rng": _rng_state(),
             "metrics": self.last_eval,
         }
@@ -306,6 +308,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best_ap = state.get("best_ap", -1.0)
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         _set_rng_state(state["rng"])
 
     def _replan_schedule(self, saved_lr: float) -> None:
@@ -478,7 +481,13 @@ class Trainer:
         metrics = self.evaluate_fn(self.eval_model)
         self.last_eval = metrics
         self.metrics.write(
-            {"kind": "eval", "epoch": self.epoch, "step": self.global_step, **metrics}
+            {
+                "kind": "eval",
+                "epoch": self.epoch,
+                "step": self.global_step,
+                "train_seconds": round(self.train_seconds, 2),  # time to accuracy (scripts/)
+                **metrics,
+            }
         )
         if dist.is_main():
             tqdm.write(
@@ -531,6 +540,7 @@ class Trainer:
             while self.epoch < self.cfg.epochs:
                 epoch_started = time.time()
                 means, objects = self._train_epoch()
+                self.train_seconds += time.time() - epoch_started
                 self.epoch += 1
                 self.metrics.write(
                     {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, **means}

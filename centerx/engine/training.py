@@ -102,7 +102,13 @@ def build_trainer(
         model,
         objective,
         weighter,
-        build_train_loader(cfg.data, train_source, cfg.train.batch_size, cfg.seed),
+        build_train_loader(
+            cfg.data,
+            train_source,
+            cfg.train.batch_size,
+            cfg.seed,
+            pin_memory=device.type == "cuda",
+        ),
         cfg.train,
         out_dir,
         checkpoint_meta(cfg, class_names),
@@ -158,6 +164,7 @@ def finish_run(cfg: DictConfig, out_dir: Path, val_source: DetectionSource) -> d
         val_source,
         cfg.data.image_size,
         batch_size=cfg.eval.batch_size,
+        num_workers=cfg.eval.num_workers,
         progress=cfg.train.progress,
     )
     metrics = write_evaluation(val_source, detections, out_dir, f"{out_dir.name} (best.pt)")

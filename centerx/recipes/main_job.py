@@ -228,6 +228,7 @@ def score(checkpoint: Path, eval_cfg: DictConfig) -> dict:
         source,
         int(state["image_size"]),
         batch_size=int(eval_cfg.batch_size),
+        num_workers=int(eval_cfg.num_workers),
         progress=False,
     )
 
