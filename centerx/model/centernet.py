@@ -82,11 +82,21 @@ class CenterNet(nn.Module):
         head_channels: int = 64,
         grad_checkpoint: bool = False,
         skip_connections: bool = True,
+        freeze_stages: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         layout = _stage_layout(backbone)
         self.stage_strides = [stride for stride, _ in layout]
+        if not 0 <= freeze_stages <= len(layout):
+            raise ConfigError(
+                f"model.freeze_stages={freeze_stages}: {type(backbone).__name__} has "
+                f"{len(layout)} pieces",
+                f"use 0..{len(layout)}",
+            )
+        self.freeze_stages = freeze_stages
+        for stage in backbone.stages()[:freeze_stages]:
+            stage.requires_grad_(False)
         skips = _skip_channels(backbone, layout) if skip_connections else None
         self.neck = UpsampleNeck(backbone.out_channels, neck_channels, skips)
         self.heads = CenterNetHeads(self.neck.out_channels, num_classes, head_channels)
@@ -112,11 +122,24 @@ class CenterNet(nn.Module):
             )
         return stage(*inputs)
 
+    def train(self, mode: bool = True) -> CenterNet:
+        """Frozen backbone pieces stay in eval mode: their BatchNorm statistics do not move."""
+        super().train(mode)
+        for stage in self.backbone.stages()[: self.freeze_stages]:
+            stage.eval()
+        return self
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.input_mean) / self.input_std
         by_stride: dict[int, torch.Tensor] = {}
-        for stage, stride in zip(self.backbone.stages(), self.stage_strides, strict=True):
-            x = self._run(stage, stride, x)
+        for index, (stage, stride) in enumerate(
+            zip(self.backbone.stages(), self.stage_strides, strict=True)
+        ):
+            if index < self.freeze_stages:
+                with torch.no_grad():  # frozen: no activations kept for a backward
+                    x = stage(x)
+            else:
+                x = self._run(stage, stride, x)
             by_stride[stride] = x  # the last piece at each stride wins
         for stage, stride in zip(self.neck, NECK_STRIDES, strict=True):
             skip = by_stride.get(stride) if self.neck.uses_skips else None
@@ -163,4 +186,5 @@ def build_model(
         head_channels=int(cfg.get("head_channels") or preset.head_channels),
         grad_checkpoint=bool(cfg.get("grad_checkpoint", False)),
         skip_connections=bool(cfg.get("skip_connections", True)),
+        freeze_stages=int(cfg.get("freeze_stages") or 0),
     )
