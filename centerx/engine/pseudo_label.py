@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from centerx.data.base import DatasetError, DetectionSource
+from centerx.engine import run_directory
 from centerx.engine.build import run_dir
 from centerx.engine.evaluate import Predictor, predict_source, torch_predictor
 from centerx.model.checkpoint import model_from_checkpoint
@@ -113,8 +114,8 @@ def pseudo_label_task(cfg: DictConfig) -> dict:
         source, cfg.checkpoint, float(cfg.threshold), classes, cfg.eval.batch_size
     )
     out = Path(cfg.out) if cfg.get("out") else run_dir() / "pseudo_labels.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(labels))
+    with run_directory.claim(out.parent, overwrite=bool(cfg.overwrite), outputs=(out.name,)):
+        out.write_text(json.dumps(labels))
     log.info(
         "pseudo-labels: %d boxes of %s on %d images (score >= %.2f) -> %s",
         len(labels["annotations"]),

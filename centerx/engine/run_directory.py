@@ -46,8 +46,8 @@ class RunDirHoldsRun(UsageError):
     """The run directory holds a previous run, and neither resume nor overwrite was asked for."""
 
 
-def holds_run(directory: Path) -> bool:
-    return any(next(directory.glob(pattern), None) is not None for pattern in RUN_MARKERS)
+def holds_run(directory: Path, markers: tuple[str, ...] = RUN_MARKERS) -> bool:
+    return any(next(directory.glob(pattern), None) is not None for pattern in markers)
 
 
 def resumes_into(resume: str | None, directory: Path) -> bool:
@@ -55,9 +55,9 @@ def resumes_into(resume: str | None, directory: Path) -> bool:
     return bool(resume) and Path(resume).resolve().is_relative_to(directory.resolve())
 
 
-def clear_outputs(directory: Path) -> None:
-    """Delete a previous run's outputs (RUN_OUTPUTS) from `directory`."""
-    for name in RUN_OUTPUTS:
+def clear_outputs(directory: Path, outputs: tuple[str, ...] = RUN_OUTPUTS) -> None:
+    """Delete a previous run's outputs (RUN_OUTPUTS, or a task's own) from `directory`."""
+    for name in outputs:
         path = directory / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -91,30 +91,43 @@ def _lock(directory: Path) -> Iterator[None]:
         yield  # closing the file releases the lock
 
 
-def _make_room(directory: Path, resuming: bool, overwrite: bool, resume_with: str) -> None:
-    if holds_run(directory) and not resuming:
+def _make_room(
+    directory: Path, resuming: bool, overwrite: bool, resume_with: str, outputs: tuple[str, ...]
+) -> None:
+    markers = RUN_MARKERS if outputs == RUN_OUTPUTS else outputs
+    if holds_run(directory, markers) and not resuming:
         if not overwrite:
+            held = "a run (checkpoints or metrics)" if markers == RUN_MARKERS else list(outputs)
             raise RunDirHoldsRun(
-                f"run directory {directory} already holds a run (checkpoints or metrics)",
-                f"choose another hydra.run.dir; continue it with {resume_with}; or replace it "
-                "with overwrite=true",
+                f"{directory} already holds {held}",
+                f"choose another directory{'; continue it with ' + resume_with if resume_with else ''}; "
+                "or replace it with overwrite=true",
             )
-        clear_outputs(directory)
+        clear_outputs(directory, outputs)
         log.warning("overwrite=true: deleted the previous run's outputs in %s", directory)
     remove_partial_files(directory)
 
 
 @contextlib.contextmanager
-def claim(directory: Path, *, resuming: bool, overwrite: bool, resume_with: str) -> Iterator[None]:
+def claim(
+    directory: Path,
+    *,
+    resuming: bool = False,
+    overwrite: bool,
+    resume_with: str = "",
+    outputs: tuple[str, ...] = RUN_OUTPUTS,
+) -> Iterator[None]:
     """Hold `directory` for one run (see the module docstring); every rank enters or raises.
-    `resume_with` says how this kind of run continues in a directory (for the message)."""
+    `resume_with` says how this kind of run continues in a directory (for the message).
+    Tasks other than training pass the files they write as `outputs`: only those existing
+    already refuses the directory (export next to a training run's checkpoints is fine)."""
     with contextlib.ExitStack() as stack:
         refusal: CenterxError | None = None
         if dist.is_main():
             directory.mkdir(parents=True, exist_ok=True)
             try:
                 stack.enter_context(_lock(directory))
-                _make_room(directory, resuming, overwrite, resume_with)
+                _make_room(directory, resuming, overwrite, resume_with, outputs)
             except CenterxError as err:
                 refusal = err
         if not dist.all_true(refusal is None):

@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from centerx.data.base import DetectionSource
+from centerx.engine import run_directory
 from centerx.engine.build import build_eval_source, run_dir
 from centerx.engine.evaluate import (
     Predictor,
@@ -24,6 +25,9 @@ from centerx.model.checkpoint import model_from_checkpoint
 from centerx_export.predictor import describe
 
 log = logging.getLogger(__name__)
+
+# What eval writes: a second eval into the same directory is refused (or overwrite=true).
+EVAL_OUTPUTS = ("eval.json", "detections.json", "pr_curves.png")
 
 
 @dataclass
@@ -94,7 +98,8 @@ def eval_task(cfg: DictConfig) -> dict:
     else:
         source, detections, title = _model_detections(cfg, split)
     out_dir = run_dir()
-    metrics = write_evaluation(source, detections, out_dir, title, cfg.eval.get("backend"))
+    with run_directory.claim(out_dir, overwrite=bool(cfg.overwrite), outputs=EVAL_OUTPUTS):
+        metrics = write_evaluation(source, detections, out_dir, title, cfg.eval.get("backend"))
     return {key: metrics[key] for key in ("AP", "AP50")} | {"run_dir": str(out_dir)}
 
 
@@ -105,15 +110,15 @@ def predict_task(cfg: DictConfig) -> dict:
         raise ConfigError("say what to predict on: input=IMAGE_FOLDER_OR_VIDEO")
     loaded = load_for_inference(cfg)
     out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else run_dir()
-    model_name = str(cfg.checkpoint)
-    summary = predict_files(
-        loaded.predictor,
-        cfg.input,
-        loaded.class_names,
-        loaded.image_size,
-        out_dir,
-        cfg.score_threshold,
-        model_name=model_name,
-    )
+    with run_directory.claim(out_dir, overwrite=bool(cfg.overwrite), outputs=("predictions.json",)):
+        summary = predict_files(
+            loaded.predictor,
+            cfg.input,
+            loaded.class_names,
+            loaded.image_size,
+            out_dir,
+            cfg.score_threshold,
+            model_name=str(cfg.checkpoint),
+        )
     print(describe(summary, out_dir))
     return {"images": len(summary["images"]), "skipped": len(summary["skipped"])}

@@ -40,6 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from centerx.engine import run_directory
 from centerx.engine.build import build_sources, run_dir
 from centerx.errors import UsageError
 from centerx.exporter.parity import verify_onnx, verify_torchscript
@@ -535,24 +536,26 @@ def export_task(cfg: DictConfig) -> dict:
         "options": OmegaConf.to_container(cfg, resolve=True),
         "class_names": metadata["class_names"],
     }
-    onnx_path = out_dir / "model.onnx"
-    report["onnx"] = export_onnx(
-        model, onnx_path, image_size=image_size, metadata=metadata, **options
-    )
-    log.info("wrote %s (%.1f MB)", onnx_path, report["onnx"]["bytes"] / 1e6)
-    if cfg.torchscript:
-        report["torchscript"] = export_torchscript(
-            model,
-            out_dir / "model.torchscript.pt",
-            image_size=image_size,
-            metadata={"class_names": metadata["class_names"], "image_size": image_size},
-            **{k: options[k] for k in ("mode", "layout", "top_k", "input_dtype")},
+    outputs = ("model.onnx", "model.torchscript.pt", "export.json")
+    with run_directory.claim(out_dir, overwrite=bool(cfg.get("overwrite")), outputs=outputs):
+        onnx_path = out_dir / "model.onnx"
+        report["onnx"] = export_onnx(
+            model, onnx_path, image_size=image_size, metadata=metadata, **options
         )
-    if cfg.verify:
-        data_cfg = (state.get("config") or {}).get("data")
-        images, where = sample_images(data_cfg, image_size, int(cfg.verify_images))
-        _verify(model, report, cfg, images, where)
-    (out_dir / "export.json").write_text(json.dumps(report, indent=1, default=str))
+        log.info("wrote %s (%.1f MB)", onnx_path, report["onnx"]["bytes"] / 1e6)
+        if cfg.torchscript:
+            report["torchscript"] = export_torchscript(
+                model,
+                out_dir / "model.torchscript.pt",
+                image_size=image_size,
+                metadata={"class_names": metadata["class_names"], "image_size": image_size},
+                **{k: options[k] for k in ("mode", "layout", "top_k", "input_dtype")},
+            )
+        if cfg.verify:
+            data_cfg = (state.get("config") or {}).get("data")
+            images, where = sample_images(data_cfg, image_size, int(cfg.verify_images))
+            _verify(model, report, cfg, images, where)
+        (out_dir / "export.json").write_text(json.dumps(report, indent=1, default=str))
     precision = "fp16" if options["fp16"] else "fp32"
     print(f"exported {onnx_path} ({options['mode']}, {precision}, {options['input_dtype']} input)")
     if "parity" in report:

@@ -216,6 +216,7 @@ def export_student(ctx: ReportContext) -> tuple[Path | None, str]:
     overrides = [
         override("checkpoint", str(out / "checkpoints" / "best.pt")),
         override("out_dir", str(out)),
+        "overwrite=true",  # the job's own output (a re-used stage's earlier export)
     ]
     export_task(compose(config_name="export", overrides=overrides))
     path = out / "model.onnx"
@@ -232,7 +233,8 @@ def predict_heldout(ctx: ReportContext, test: DetectionSource, model_path: Path)
         save_rgb(image_dir / Path(name).with_suffix(".png"), test.load_image(index))
     overrides = [override("checkpoint", str(model_path)), override("input", str(image_dir)),
                  override("out_dir", str(ctx.out_dir / "predictions")),
-                 override("score_threshold", float(ctx.cfg.main_job.score_threshold))]  # fmt: skip
+                 override("score_threshold", float(ctx.cfg.main_job.score_threshold)),
+                 "overwrite=true"]  # fmt: skip
     predict_task(compose(config_name="predict", overrides=overrides))
     return command("predict", overrides)
 
