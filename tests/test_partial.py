@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import cv2
@@ -312,3 +313,36 @@ def test_real_union_of_two_voc_datasets_labels_per_part() -> None:
     assert len(labels) > 50 and (labels == 1).all()  # the masks, not the no-masks
     val = build_union(["apple", "mask"], parts, "val", FORMATS)
     assert len(val) == 60 + 23  # the shard applies to the val split too
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/datasets (real photos)")
+def test_real_union_trains_teachers_and_distils_with_the_command_line_form(
+    tmp_path: Path, run_ok
+) -> None:
+    """Two VOC folders with different label sets: a teacher per part, then the student with
+    `distill data=union 'data.class_names=[...]' 'data.parts=[...]'` (tiny model, a few images)."""
+    parts = (
+        f"data.parts=[{{format: voc, root: {SHARED / 'fruits'}, classes: [apple], val_split: test, shard: [0, 24]}}, "
+        f"{{format: voc, root: {SHARED / 'mask' / 'VOC2007'}, classes: {{mask: mask}}, shard: [0, 8]}}]"
+    )
+    fast = ["data=union", parts, "data.image_size=64", "data.num_workers=0", "train.epochs=1",
+            "train.batch_size=8", "train.progress=false", "samples.count=1", "eval.num_workers=0"]  # fmt: skip
+    teachers = {}
+    for part, name in (("part0", "apple"), ("part1", "mask")):
+        run = tmp_path / name
+        run_ok([sys.executable, "-m", "centerx", "train", *fast, f"data.use_parts=[{part}]",
+                f"data.class_names=[{name}]", f"hydra.run.dir={run}"], 300)  # fmt: skip
+        teachers[name] = run / "checkpoints" / "best.pt"
+    taught = ", ".join(
+        f"{n}: {{checkpoint: {p}, classes: {{{n}: {n}}}}}" for n, p in teachers.items()
+    )
+    student = tmp_path / "student"
+    run_ok([sys.executable, "-m", "centerx", "distill", *fast, "data.class_names=[apple,mask]",
+            f"objective.teachers={{{taught}}}", f"hydra.run.dir={student}"], 300)  # fmt: skip
+    scored = json.loads((student / "eval.json").read_text())
+    assert set(scored["per_class_AP"]) == {"apple", "mask"}
+    assert (student / "detections.json").is_file() and (
+        student / "checkpoints" / "best.pt"
+    ).is_file()
