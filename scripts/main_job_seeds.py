@@ -49,9 +49,9 @@ def run_seed(out: Path, seed: int, overrides: Sequence[str]) -> dict:
     report = run / "report.json"
     if not report.is_file():
         print(f"[seeds] seed {seed}: main job -> {run}", flush=True)
-        run_centerx(
-            ["main", *overrides, f"seed={seed}", f"hydra.run.dir={run}"], out / f"seed_{seed}.log"
-        )
+        resume = ["main_job.reuse=true"] if run.is_dir() else []  # an interrupted sweep
+        args = ["main", *overrides, *resume, f"seed={seed}", f"hydra.run.dir={run}"]
+        run_centerx(args, out / f"seed_{seed}.log")
     return json.loads(report.read_text())
 
 
@@ -63,10 +63,18 @@ def run_variant(out: Path, seed: int, report: dict, name: str, extra: Sequence[s
         print(f"[seeds] seed {seed}: student variant {name}", flush=True)
         train_command = shlex.split(report["models"]["student"]["commands"][0])
         args = [a for a in train_command[2:] if not a.startswith("hydra.run.dir=")]
-        run_centerx([*args, *extra, f"hydra.run.dir={run / 'train'}"], run / "train.log")
+        run_centerx(
+            [*args, *extra, f"hydra.run.dir={run / 'train'}", "overwrite=true"], run / "train.log"
+        )
         checkpoint = run / "train" / "checkpoints" / "best.pt"
         run_centerx(
-            ["eval", f"checkpoint={checkpoint}", "split=test", f"hydra.run.dir={run / 'eval'}"],
+            [
+                "eval",
+                f"checkpoint={checkpoint}",
+                "split=test",
+                f"hydra.run.dir={run / 'eval'}",
+                "overwrite=true",
+            ],
             run / "eval.log",
         )
     return json.loads(scored.read_text())
