@@ -15,6 +15,7 @@ from centerx.data.transforms import (
     color_jitter,
     invert_affine,
     letterbox_matrix,
+    mosaic,
     random_affine,
     transform_boxes,
     warp_image,
@@ -229,3 +230,46 @@ def test_training_sample_peaks_land_on_transformed_centres(augment, index: int) 
         warped = warp_image(image, matrix, size)
         np.testing.assert_array_equal(sample["image"], warped.transpose(2, 0, 1))
     np.testing.assert_array_equal(sample["labeled"], [True, True, True])
+
+
+def test_mosaic_places_four_images_and_cuts_boxes_at_their_quadrant() -> None:
+    rng = np.random.default_rng(0)
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    samples = [
+        (np.full((50, 80, 3), colour, np.uint8), np.array([[0, 0, 80, 50], [70, 40, 80, 50]], np.float32),
+         np.array([k, k]))
+        for k, colour in enumerate(colours)
+    ]  # fmt: skip
+    canvas, boxes, labels = mosaic(
+        rng, samples, 128, AugmentConfig(flip=0.0, mosaic_scale=(0.5, 0.5))
+    )
+    assert canvas.shape == (128, 128, 3)
+    for k, colour in enumerate(colours):  # each whole-image box covers its own colour
+        x0, y0, x1, y1 = boxes[labels == k][0]
+        patch = canvas[int(y0) + 1 : int(y1) - 1, int(x0) + 1 : int(x1) - 1].reshape(-1, 3)
+        assert len(patch) and (patch == colour).all(), k
+    # the quadrants meet at one centre: the boxes of the top-left and bottom-right touch it
+    top_left, bottom_right = boxes[labels == 0][0], boxes[labels == 3][0]
+    assert top_left[2:] == pytest.approx(bottom_right[:2])
+    # a box cut to under a quarter of its area by its quadrant's edge is dropped: none here is
+    assert len(boxes) <= 8 and (boxes[:, 2:] > boxes[:, :2]).all()
+
+
+def test_mosaic_partners_share_the_labelled_classes() -> None:
+    from centerx.data.partial import Relabeled, SourceUnion
+
+    names = ["circle", "square"]
+    union = SourceUnion(
+        [Relabeled(SyntheticShapes(6, seed=s, class_names=names, image_size=64), names, [c])
+         for s, c in ((1, "circle"), (2, "square"))],
+        ["a", "b"],
+    )  # fmt: skip
+    dataset = TrainingDataset(union, 64, augment=AugmentConfig(mosaic=1.0), seed=0)
+    for index in range(len(union)):
+        sample = dataset[index]
+        labelled = sample["labeled"].tolist()
+        assert labelled == ([True, False] if index < 6 else [False, True])
+        square = sample["heatmap"][1].max()  # part a leaves squares unlabelled: no square targets
+        assert (square == 0) if index < 6 else True
+    again = TrainingDataset(union, 64, augment=AugmentConfig(mosaic=1.0), seed=0)
+    assert np.array_equal(again[3]["image"], dataset[3]["image"])  # deterministic per index

@@ -26,6 +26,7 @@ from centerx.data.transforms import (
     clip_boxes,
     color_jitter,
     letterbox_matrix,
+    mosaic,
     random_affine,
     transform_boxes,
     warp_image,
@@ -97,6 +98,11 @@ class TrainingDataset(Dataset):
         self.min_overlap = min_overlap
         self.seed = seed
         self.epoch = 0  # set by the trainer so each epoch draws new augmentations reproducibly
+        # Mosaic partners come from images whose sources label the same classes.
+        self._groups: dict[bytes, list[int]] = {}
+        if augment is not None and augment.mosaic > 0:
+            for i in range(len(source)):
+                self._groups.setdefault(self._label_key(i), []).append(i)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -121,15 +127,13 @@ class TrainingDataset(Dataset):
         """Augmentation draws depend on (seed, epoch, index), the labels on the image's own
         source (`candidate`)."""
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        height, width = image.shape[:2]
-        if self.augment is None:
-            matrix = letterbox_matrix(width, height, self.image_size)
+        if self._groups and rng.random() < self.augment.mosaic:
+            four = [(image, ann.boxes, ann.labels), *self._mosaic_partners(rng, candidate)]
+            image, boxes, labels = mosaic(rng, four, self.image_size, self.augment)
         else:
-            matrix = random_affine(rng, width, height, self.image_size, self.augment)
-        image = warp_image(image, matrix, self.image_size)
+            image, boxes, labels = self._one_image(rng, image, ann)
         if self.augment is not None:
             image = color_jitter(image, rng, self.augment.color)
-        boxes, labels = clip_boxes(transform_boxes(ann.boxes, matrix), ann.labels, self.image_size)
         grid = self.image_size // STRIDE
         targets = build_targets(
             boxes / STRIDE,
@@ -149,6 +153,36 @@ class TrainingDataset(Dataset):
             "labeled": self.source.labeled_classes(candidate),
             "absent": self.source.absent_classes(candidate),
         }
+
+    def _one_image(
+        self, rng: np.random.Generator, image: np.ndarray, ann: Annotation
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The letterbox (no augmentation) or a random affine crop; boxes follow."""
+        height, width = image.shape[:2]
+        if self.augment is None:
+            matrix = letterbox_matrix(width, height, self.image_size)
+        else:
+            matrix = random_affine(rng, width, height, self.image_size, self.augment)
+        boxes, labels = clip_boxes(transform_boxes(ann.boxes, matrix), ann.labels, self.image_size)
+        return warp_image(image, matrix, self.image_size), boxes, labels
+
+    def _mosaic_partners(self, rng: np.random.Generator, candidate: int) -> list[tuple]:
+        """Three more (image, boxes, labels) whose sources label and rule out the same classes
+        as `candidate`'s, so the mosaic's labelled/absent flags hold for all four quarters."""
+        group = self._groups[self._label_key(candidate)]
+        partners = []
+        for pick in rng.choice(group, 3):
+            try:
+                image, ann = self.source.load(int(pick))
+            except ImageReadError:  # a mosaic needs no particular partner: take another
+                image, ann = self.source.load(candidate)
+            partners.append((image, ann.boxes, ann.labels))
+        return partners
+
+    def _label_key(self, index: int) -> bytes:
+        return np.concatenate(
+            [self.source.labeled_classes(index), self.source.absent_classes(index)]
+        ).tobytes()
 
 
 class EvalDataset(Dataset):

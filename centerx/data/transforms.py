@@ -1,7 +1,7 @@
-"""CenterNet augmentation: one affine (scale + shift + flip) crop, and colour jitter.
+"""CenterNet augmentation: one affine (scale + shift + flip) crop, a 2x2 mosaic, colour jitter.
 
-Every geometric change is a single 2x3 affine matrix, so the image is warped
-once and the same matrix (inverted) maps predictions back to the original image.
+Every geometric change is a single 2x3 affine matrix per image, so an image is warped once
+and the same matrix (inverted) maps predictions back to the original image.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ class AugmentConfig:
     shift: float = 0.2  # max centre shift as a fraction of the image size
     flip: float = 0.5  # probability of a horizontal flip
     color: float = 0.3  # brightness/contrast/saturation jitter strength (0 disables)
+    mosaic: float = 0.0  # probability that a sample is a 2x2 mosaic of four images
+    mosaic_scale: tuple[float, float] = (0.4, 0.8)  # an image's longer side, fraction of the output
 
 
 def random_affine(
@@ -36,6 +38,48 @@ def random_affine(
         height / 2 + rng.uniform(-config.shift, config.shift) * height,
     )
     return affine_matrix(center, crop_side, out_size, flip=bool(rng.random() < config.flip))
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+    return np.prod((boxes[:, 2:] - boxes[:, :2]).clip(0), axis=1)
+
+
+def mosaic(
+    rng: np.random.Generator,
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    out_size: int,
+    config: AugmentConfig,
+    min_kept: float = 0.25,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Four (image, boxes, labels) around a random centre, one per quadrant, each scaled to
+    `config.mosaic_scale` of the output and flipped at random; boxes are cut at their
+    quadrant's edges and dropped when less than `min_kept` of their area is left. More
+    objects per step, at several scales: a small data set teaches faster (YOLOv4's mosaic)."""
+    cx, cy = (int(v) for v in rng.uniform(0.3, 0.7, 2) * out_size)
+    canvas = np.full((out_size, out_size, 3), 114, np.uint8)
+    all_boxes, all_labels = [], []
+    for quadrant, (image, boxes, labels) in enumerate(samples):
+        right, below = quadrant % 2, quadrant // 2
+        x0, x1 = (cx, out_size) if right else (0, cx)
+        y0, y1 = (cy, out_size) if below else (0, cy)
+        height, width = image.shape[:2]
+        scale = out_size * rng.uniform(*config.mosaic_scale) / max(width, height)
+        # The image's corner nearest the centre sits on the centre; a flip mirrors it in place.
+        left = cx if right else cx - width * scale
+        top = cy if below else cy - height * scale
+        if rng.random() < config.flip:
+            matrix = np.array([[-scale, 0, left + width * scale], [0, scale, top]])
+        else:
+            matrix = np.array([[scale, 0, left], [0, scale, top]])
+        canvas[y0:y1, x0:x1] = warp_image(image, matrix, out_size)[y0:y1, x0:x1]
+        placed = transform_boxes(boxes, matrix)
+        cut = placed.copy()
+        cut[:, [0, 2]] = cut[:, [0, 2]].clip(x0, x1)
+        cut[:, [1, 3]] = cut[:, [1, 3]].clip(y0, y1)
+        keep = _area(cut) >= min_kept * np.maximum(_area(placed), 1e-6)
+        all_boxes.append(cut[keep])
+        all_labels.append(np.asarray(labels, np.int64)[keep])
+    return canvas, np.concatenate(all_boxes).astype(np.float32), np.concatenate(all_labels)
 
 
 def clip_boxes(
