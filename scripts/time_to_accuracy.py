@@ -45,7 +45,9 @@ def start(name: str, overrides: Sequence[str], out: Path, threads: int) -> subpr
     return subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def run_all(variants: list[tuple[str, list[str]]], common: list[str], out: Path, parallel: int) -> None:
+def run_all(
+    variants: list[tuple[str, list[str]]], common: list[str], out: Path, parallel: int
+) -> None:
     """Run the variants, `parallel` at a time, each with cores/parallel torch threads."""
     threads = max(1, (os.cpu_count() or 2) // parallel)
     queue, running = list(variants), []
@@ -60,12 +62,16 @@ def run_all(variants: list[tuple[str, list[str]]], common: list[str], out: Path,
             if process.poll() is not None:
                 running.remove((name, process))
                 if process.returncode:
-                    sys.exit(f"[tta] {name} failed (exit {process.returncode}); see {out / name}.log")
+                    sys.exit(
+                        f"[tta] {name} failed (exit {process.returncode}); see {out / name}.log"
+                    )
 
 
 def curve(run: Path) -> list[dict]:
     """The evaluations of a run: training seconds, epoch, AP50, AP."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    records = [
+        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line
+    ]
     return [
         {"seconds": r["train_seconds"], "epoch": r["epoch"], "AP50": r["AP50"], "AP": r["AP"]}
         for r in records
@@ -75,7 +81,9 @@ def curve(run: Path) -> list[dict]:
 
 def summary(points: list[dict]) -> dict:
     best = max(points, key=lambda p: p["AP50"])
-    reached = {f"{t:g}": next((p["seconds"] for p in points if p["AP50"] >= t), None) for t in THRESHOLDS}
+    reached = {
+        f"{t:g}": next((p["seconds"] for p in points if p["AP50"] >= t), None) for t in THRESHOLDS
+    }
     return {"final": points[-1], "best_AP50": best, "seconds_to_AP50": reached}
 
 
@@ -88,7 +96,12 @@ def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("AP50", "AP"), strict=True):
         for name, points in curves.items():
-            ax.plot([p["seconds"] / 60 for p in points], [p[metric] for p in points], marker="o", label=name)
+            ax.plot(
+                [p["seconds"] / 60 for p in points],
+                [p[metric] for p in points],
+                marker="o",
+                label=name,
+            )
         ax.set(xlabel="training minutes", ylabel=f"held-out {metric}", ylim=(0, 1), title=metric)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -104,7 +117,9 @@ def markdown(results: dict, command: str) -> str:
              "|---|---|---|---|---|" + "---|" * len(THRESHOLDS)]  # fmt: skip
     for name, item in results.items():
         s = item["summary"]
-        reach = " | ".join("-" if v is None else f"{v / 60:.1f} min" for v in s["seconds_to_AP50"].values())
+        reach = " | ".join(
+            "-" if v is None else f"{v / 60:.1f} min" for v in s["seconds_to_AP50"].values()
+        )
         lines.append(
             f"| {name} | {s['final']['AP50']:.3f} | {s['final']['AP']:.3f} | {s['final']['seconds'] / 60:.1f} "
             f"| {s['best_AP50']['AP50']:.3f} ({s['best_AP50']['epoch']}) | {reach} |"
@@ -117,7 +132,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "OVERRIDE"))
+    parser.add_argument(
+        "--variant", nargs="+", action="append", required=True, metavar=("NAME", "OVERRIDE")
+    )
     parser.add_argument("--parallel", type=int, default=2, help="variants run side by side")
     return parser.parse_args(argv), common
 

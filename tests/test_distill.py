@@ -249,7 +249,9 @@ def test_kd_is_zero_when_student_equals_teacher(tmp_path: Path, case: str) -> No
                 TeacherSpec("t1", path, {"square": "sq"}),
                 TeacherSpec("t2", path, {"triangle": "tri", "circle": "circ"}),
             ]
-    objective = DistillObjective(load_teachers(specs, CLASSES, SIZE, "cpu"), CLASSES, heatmap_kd_focal)
+    objective = DistillObjective(
+        load_teachers(specs, CLASSES, SIZE, "cpu"), CLASSES, heatmap_kd_focal
+    )
     terms = objective(student, {"image": images()})
     assert set(terms) == {"kd_heatmap", "kd_wh", "kd_offset"}
     for name, value in terms.items():

@@ -92,3 +92,14 @@ def load_state_strict(
             msg += _listing("shape mismatches", mismatched)
         raise WeightsError(msg)
     module.load_state_dict(state, strict=True)
+
+
+def init_conv_bn(module: nn.Module) -> None:
+    """torchvision's initialisation (Kaiming fan-out convolutions, unit BatchNorm), so a backbone
+    trained from scratch here starts like its torchvision counterpart."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

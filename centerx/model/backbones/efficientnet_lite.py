@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from centerx.model.backbones.common import load_state_strict, read_checkpoint
+from centerx.model.backbones.common import init_conv_bn, load_state_strict, read_checkpoint
 
 # The TF weights were trained with TF's BatchNorm defaults: eps 1e-3, decay 0.99.
 _BN_EPS = 1e-3
@@ -108,15 +108,7 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = _bn(HEAD_CHANNELS)
         self._act = nn.ReLU6(inplace=True)
         self.out_channels: int = HEAD_CHANNELS
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def stages(self) -> list[nn.Module]:
         """Stem, the 7 B0 stages, then the head conv.

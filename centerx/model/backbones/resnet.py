@@ -19,6 +19,7 @@ from centerx.model.backbones.common import (
     IMAGENET_MEAN_255,
     IMAGENET_STD_255,
     WeightsError,
+    init_conv_bn,
     load_state_strict,
     read_checkpoint,
 )
@@ -108,7 +109,7 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
         self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
         self.out_channels: int = 512 * block.expansion
-        self._init_weights()
+        init_conv_bn(self)
 
     def _make_layer(self, block: Block, ch: int, n: int, stride: int) -> nn.Sequential:
         downsample = None
@@ -121,15 +122,6 @@ class ResNet(nn.Module):
         self._in_ch = ch * block.expansion
         blocks += [block(self._in_ch, ch) for _ in range(n - 1)]
         return nn.Sequential(*blocks)
-
-    def _init_weights(self) -> None:
-        # Same scheme as torchvision, so random-init runs are comparable.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def stages(self) -> list[nn.Module]:
         """Stem then layer1..4. The stem is a transient, unregistered view over existing modules."""
