@@ -18,8 +18,8 @@ batch:
   which cost centerx time); it runs in PyTorch's defaults: float32, NCHW (contiguous) layout,
   AdamW's per-tensor loop. So centerx can only be faster through what it is configured with:
   train.channels_last=true (NHWC convolutions and batch norms, faster on CPU too), a fused
-  optimizer step (+train.optimizer.fused=true: one kernel over all parameters instead of a
-  Python loop over tensors, several times faster for AdamW on CPU), train.amp (bf16/fp16
+  optimizer step (train.optimizer.fused, on by default: one kernel over all parameters instead
+  of a Python loop over tensors, several times faster for AdamW on CPU), train.amp (bf16/fp16
   autocast: a GPU's or a bf16-capable CPU's gain);
 * data-pipeline images/s of ONE worker: TrainingDataset.__getitem__ (read/render, augment,
   targets) + collate of one batch in this process, and its ratio to training throughput, per

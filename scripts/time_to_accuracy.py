@@ -10,7 +10,8 @@ its own; `--parallel 2` (default) runs two side by side with one torch thread ea
 variants of a pair see the same machine load (on 2 cores, two one-thread runs use the machine
 as well as one two-thread run). Training seconds exclude evaluation (the trainer logs them with
 every evaluation in metrics.jsonl), so a variant that evaluates more often is not penalised.
-A variant whose run directory already holds eval.json is not re-run.
+A variant whose run directory already holds eval.json is not re-run; `--collect-only` re-runs
+nothing and plots what the run directories hold (a stopped run counts as far as it got).
 
 Writes OUT/time_to_accuracy.png (AP50 and AP against seconds), OUT/time_to_accuracy.md and .json
 (per variant: each evaluation, the best AP50, and the first time AP50 reached each threshold).
@@ -120,8 +121,9 @@ def markdown(results: dict, command: str) -> str:
         reach = " | ".join(
             "-" if v is None else f"{v / 60:.1f} min" for v in s["seconds_to_AP50"].values()
         )
+        label = name if item["finished"] else f"{name} (stopped)"
         lines.append(
-            f"| {name} | {s['final']['AP50']:.3f} | {s['final']['AP']:.3f} | {s['final']['seconds'] / 60:.1f} "
+            f"| {label} | {s['final']['AP50']:.3f} | {s['final']['AP']:.3f} | {s['final']['seconds'] / 60:.1f} "
             f"| {s['best_AP50']['AP50']:.3f} ({s['best_AP50']['epoch']}) | {reach} |"
         )
     return "\n".join(lines) + "\n"
@@ -136,6 +138,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--variant", nargs="+", action="append", required=True, metavar=("NAME", "OVERRIDE")
     )
     parser.add_argument("--parallel", type=int, default=2, help="variants run side by side")
+    parser.add_argument(
+        "--collect-only", action="store_true", help="run nothing; plot the existing run dirs"
+    )
     return parser.parse_args(argv), common
 
 
@@ -144,9 +149,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, common = parse(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     variants = [(name, list(overrides)) for name, *overrides in args.variant]
-    run_all(variants, common, args.out, args.parallel)
+    if not args.collect_only:
+        run_all(variants, common, args.out, args.parallel)
     curves = {name: curve(args.out / name) for name, _ in variants}
-    results = {name: {"overrides": own, "evaluations": curves[name], "summary": summary(curves[name])}
+    results = {name: {"overrides": own, "evaluations": curves[name], "summary": summary(curves[name]),
+                      "finished": (args.out / name / "eval.json").is_file()}
                for name, own in variants}  # fmt: skip
     command = " ".join(shlex.quote(a) for a in ["python", "scripts/time_to_accuracy.py", *argv])
     payload = {"command": command, "common": common, "cpus": os.cpu_count(), "variants": results}
