@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra import compose
+from hydra.utils import instantiate
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -258,7 +259,8 @@ def make_pseudo_labels(
 
 
 def training_union(cfg: DictConfig) -> SourceUnion:
-    source: DetectionSource = build_sources(cfg.data)[0]
+    """The training parts and what each labels (no pixels: `data.cache` is for the stages)."""
+    source: DetectionSource = instantiate(cfg.data.train)
     if not isinstance(source, SourceUnion):
         raise DatasetError(
             "the main job needs a union of parts that label different classes: data=union "
