@@ -22,9 +22,9 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from hydra.errors import HydraException, InstantiationException
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
@@ -270,3 +270,17 @@ def report(exc: BaseException, stream: TextIO | None = None) -> int:
         return RUNTIME_EXIT
     print(failure.line, file=stream, flush=True)
     return failure.exit_code
+
+
+def run_script(main: Callable[[], int | None]) -> NoReturn:
+    """The `__main__` of a script in scripts/: known failures as one line, the exit code of
+    `report`; a closed pipe (`| head`) is not a failure."""
+    try:
+        code = main() or 0
+    except SystemExit:
+        raise  # argparse has already said why
+    except BrokenPipeError:
+        code = 0
+    except BaseException as exc:
+        code = report(exc)
+    sys.exit(code)

@@ -42,6 +42,8 @@ from pathlib import Path
 import cv2
 import torch
 
+from centerx.errors import run_script
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180  # a case still running after this is a hang
 # The tiny synthetic run every training case starts from: 64 px, 16 + 8 images, no workers.
@@ -801,4 +803,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

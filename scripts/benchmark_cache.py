@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from centerx.data.base import DetectionSource
 from centerx.data.cache import CachedImages
 from centerx.engine.build import build_sources, build_train_loader
+from centerx.errors import run_script
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -144,4 +145,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

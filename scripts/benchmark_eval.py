@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from centerx.engine.evaluate import Scores, coco_backend, coco_scores
+from centerx.errors import run_script
 
 BACKENDS = ("pycocotools", "faster")
 
@@ -160,4 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -29,6 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from centerx.engine.evaluate import torch_predictor
+from centerx.errors import run_script
 from centerx.exporter.onnx import export_onnx
 from centerx.model.centernet import build_model
 from centerx.model.checkpoint import model_from_checkpoint
@@ -177,4 +178,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from centerx.data.targets import draw_heatmap, gaussian_radius
+from centerx.errors import run_script
 
 NUM_CLASSES = 3
 MIN_OVERLAP = 0.3
@@ -212,4 +213,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

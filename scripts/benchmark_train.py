@@ -70,6 +70,7 @@ from centerx.data.pipeline import TrainingDataset, collate
 from centerx.engine import training
 from centerx.engine.build import build_sources
 from centerx.engine.trainer import Trainer, seed_everything
+from centerx.errors import run_script
 from centerx.model.centernet import build_model
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -453,5 +454,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError):
-        main()
+    run_script(main)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from hydra.utils import get_method
 from torch import nn
 
+from centerx.errors import run_script
 from centerx.losses.distill import teacher_peak_mass
 from centerx.model.heads import HEATMAP_BIAS
 
@@ -152,4 +153,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import yaml
 
+from centerx.errors import run_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 RUNS = {
@@ -283,4 +285,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)

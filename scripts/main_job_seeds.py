@@ -25,6 +25,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from centerx.errors import run_script
+
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("AP50", "AP")
 
@@ -165,4 +167,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -29,6 +29,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from centerx.errors import run_script
+
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.5, 0.7, 0.8, 0.85, 0.9)
 
@@ -164,4 +166,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

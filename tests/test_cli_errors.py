@@ -166,3 +166,21 @@ def test_unknown_subcommand_lists_them(capsys) -> None:
     assert cli.main(["trian", "train.epochs=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("centerx: error: unknown subcommand 'trian' (choose one of main, train")
+
+
+def test_scripts_report_known_failures_in_one_line(capsys) -> None:
+    """scripts/ run their main through errors.run_script: a bad override is one line, exit 2."""
+
+    def bad_override() -> None:
+        raise errors.ConfigError("data.root is not in the config", "use +data.root=...")
+
+    with pytest.raises(SystemExit) as stop:
+        errors.run_script(bad_override)
+    assert stop.value.code == errors.USAGE_EXIT
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "centerx: error: data.root is not in the config (use +data.root=...)"
+    ]
+    with pytest.raises(SystemExit) as stop:
+        errors.run_script(lambda: 3)
+    assert stop.value.code == 3
