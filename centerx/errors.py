@@ -272,11 +272,13 @@ def report(exc: BaseException, stream: TextIO | None = None) -> int:
     return failure.exit_code
 
 
-def run_script(main: Callable[[], int | None]) -> NoReturn:
+def run_script(main: Callable[[], object]) -> NoReturn:
     """The `__main__` of a script in scripts/: known failures as one line, the exit code of
-    `report`; a closed pipe (`| head`) is not a failure."""
+    `report`; a closed pipe (`| head`) is not a failure. An int from `main` is the exit code;
+    anything else it returns (a report for callers in Python) means success."""
     try:
-        code = main() or 0
+        result = main()
+        code = result if isinstance(result, int) else 0
     except SystemExit:
         raise  # argparse has already said why
     except BrokenPipeError:

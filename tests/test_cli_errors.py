@@ -184,3 +184,6 @@ def test_scripts_report_known_failures_in_one_line(capsys) -> None:
     with pytest.raises(SystemExit) as stop:
         errors.run_script(lambda: 3)
     assert stop.value.code == 3
+    with pytest.raises(SystemExit) as stop:
+        errors.run_script(lambda: {"report": 1})  # a main that returns its results
+    assert stop.value.code == 0
