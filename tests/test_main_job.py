@@ -120,3 +120,20 @@ def test_main_job_smoke(tmp_path: Path, run_ok) -> None:
     scored = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert scored["AP"] == pytest.approx(report["models"]["student"]["AP"], abs=1e-9)
     assert scored["per_class_AP"] == pytest.approx(report["models"]["student"]["per_class_AP"])
+
+
+def test_a_teachers_eval_parts_name_only_its_classes() -> None:
+    """apple_mask: the test parts name [apple] and [mask]; the apple teacher's held-out set
+    must not ask its one-class model for `mask` (it failed after training, before this)."""
+    from centerx.recipes.main_job import parts_for_classes
+
+    parts = [
+        {"name": "fruits", "root": "F", "classes": ["apple"]},
+        {"name": "mask", "root": "M", "classes": {"mask": "with_mask", "face": "no_mask"}},
+        {"name": "all", "root": "A"},  # no classes named: the default picks the model's own
+    ]
+    assert parts_for_classes(parts, ["apple"]) == [parts[0], parts[2]]
+    assert parts_for_classes(parts, ["mask"]) == [
+        {"name": "mask", "root": "M", "classes": {"mask": "with_mask"}},
+        parts[2],
+    ]

@@ -123,6 +123,33 @@ def teacher_groups(cfg: DictConfig, union: SourceUnion) -> dict[str, dict[str, l
     return plan
 
 
+def parts_for_classes(parts: list[dict], classes: Sequence[str]) -> list[dict]:
+    """Evaluation parts narrowed to a teacher's classes: a part that names its classes keeps
+    those the teacher owns, and is left out when it names none of them."""
+    kept = []
+    for spec in parts:
+        named = spec.get("classes")
+        if named is not None:
+            mine = [c for c in named if c in classes]
+            if not mine:
+                continue
+            narrowed = {c: named[c] for c in mine} if isinstance(named, Mapping) else mine
+            spec = {**spec, "classes": narrowed}
+        kept.append(spec)
+    return kept
+
+
+def eval_parts_overrides(data_cfg: DictConfig, classes: Sequence[str]) -> list[str]:
+    """A teacher predicts only its classes: its val and test parts must not name others."""
+    overrides = []
+    for key in ("val_parts", "test_parts"):
+        parts = data_cfg.get(key)
+        if parts:
+            resolved = OmegaConf.to_container(parts, resolve=True)
+            overrides.append(override(f"data.{key}", parts_for_classes(resolved, classes)))
+    return overrides
+
+
 def plan_stages(cfg: DictConfig, teachers: Mapping[str, Mapping], out_dir: Path) -> list[Stage]:
     """Teachers, the two students and the three baselines, as overrides."""
     job = cfg.main_job
@@ -135,6 +162,7 @@ def plan_stages(cfg: DictConfig, teachers: Mapping[str, Mapping], out_dir: Path)
             [
                 override("data.use_parts", t["parts"]),
                 override("data.class_names", t["classes"]),
+                *eval_parts_overrides(cfg.data, t["classes"]),
                 override("train.epochs", int(job.epochs.teacher)),
                 f"loss={job.loss.teacher}",
             ],
@@ -283,11 +311,13 @@ def run_main_job(cfg: DictConfig, out_dir: Path) -> dict:
     teachers = teacher_groups(cfg, training_union(cfg))
     base = base_overrides()
     stages = plan_stages(cfg, teachers, out_dir)
+    for stage in stages:  # every stage's config and held-out set, before hours of training
+        stage.cfg = compose(config_name=stage.task, overrides=base + stage.overrides)
+        build_eval_source(stage.cfg.data, "test", list(stage.cfg.data.class_names))
     results, timings, extra_commands = {}, {}, []
     for number, stage in enumerate(stages, 1):
         if stage.name == "pseudo_label":
             extra_commands = make_pseudo_labels(cfg, base, teachers, out_dir)
-        stage.cfg = compose(config_name=stage.task, overrides=base + stage.overrides)
         print(f"[main] stage {number}/{len(stages)}: {stage.title}", flush=True)
         timings[stage.name] = run_stage(stage, out_dir, bool(cfg.main_job.reuse))
         results[stage.name] = score(stage.checkpoint(out_dir), cfg.eval)
