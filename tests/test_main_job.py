@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from centerx.data.base import DatasetError
 from centerx.data.partial import Relabeled, SourceUnion
 from centerx.data.synthetic import SyntheticShapes
-from centerx.recipes.main_job import teacher_groups
+from centerx.recipes.main_job import parts_for_classes, teacher_groups
 from centerx.recipes.overrides import override_value
 from centerx.recipes.report import summarise
 
@@ -125,8 +125,6 @@ def test_main_job_smoke(tmp_path: Path, run_ok) -> None:
 def test_a_teachers_eval_parts_name_only_its_classes() -> None:
     """apple_mask: the test parts name [apple] and [mask]; the apple teacher's held-out set
     must not ask its one-class model for `mask` (it failed after training, before this)."""
-    from centerx.recipes.main_job import parts_for_classes
-
     parts = [
         {"name": "fruits", "root": "F", "classes": ["apple"]},
         {"name": "mask", "root": "M", "classes": {"mask": "with_mask", "face": "no_mask"}},
