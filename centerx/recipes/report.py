@@ -282,6 +282,29 @@ def report_json(ctx: ReportContext, summary: dict, commands: Mapping, extras: Ma
     }
 
 
+UNION_STAGES = {
+    "student": "`student`: KD only from the teachers (it never reads a label)",
+    "student_gt": "`student_gt`: KD + each image's own labels (negatives only for the classes "
+    "its part labels)",
+    "naive_merge": "`naive_merge`: the partial labels as they are (an unlabelled object is a "
+    "negative)",
+    "ignore_unlabelled": "`ignore_unlabelled`: no focal-loss negatives for the classes an "
+    "image's part does not label",
+    "pseudo_label": "`pseudo_label`: every teacher's detections with score >= {threshold} "
+    "become boxes where a part leaves the teacher's classes unlabelled (`run.sh pseudo_label`, "
+    "on the un-augmented training images)",
+}
+
+
+def union_stages(names: Sequence[str], threshold: float) -> str:
+    """One bullet per student or baseline that ran (the report names no stage it skipped)."""
+    return "\n".join(
+        "  - " + UNION_STAGES[name].format(threshold=threshold)
+        for name in names
+        if name in UNION_STAGES
+    )
+
+
 def render_markdown(ctx: ReportContext, summary: dict, commands: Mapping, extras: Mapping) -> str:
     cfg, job = ctx.cfg, ctx.cfg.main_job
     repro = []
@@ -310,7 +333,7 @@ def render_markdown(ctx: ReportContext, summary: dict, commands: Mapping, extras
         "teacher_epochs": int(job.epochs.teacher),
         "union_epochs": int(job.epochs.union),
         "losses": f"teachers `{job.loss.teacher}`, students `{job.loss.student}`, baselines `{job.loss.baseline}`",
-        "threshold": float(job.pseudo_label_threshold),
+        "union_stages": union_stages(list(ctx.results), float(job.pseudo_label_threshold)),
         "results": results_table(ctx.results, list(ctx.results), ctx.class_names),
         "metric": summary["metric"],
         "ratio": f"{float(job.criteria.student_ratio):.0%}",
