@@ -128,10 +128,13 @@ def test_a_teachers_eval_parts_name_only_its_classes() -> None:
     parts = [
         {"name": "fruits", "root": "F", "classes": ["apple"]},
         {"name": "mask", "root": "M", "classes": {"mask": "with_mask", "face": "no_mask"}},
-        {"name": "all", "root": "A"},  # no classes named: the default picks the model's own
+        {"name": "all", "root": "A", "absent": ["apple", "mask"]},  # default classes
     ]
-    assert parts_for_classes(parts, ["apple"]) == [parts[0], parts[2]]
+    assert parts_for_classes(parts, ["apple"]) == [
+        parts[0],
+        {"name": "all", "root": "A", "absent": ["apple"]},
+    ]
     assert parts_for_classes(parts, ["mask"]) == [
         {"name": "mask", "root": "M", "classes": {"mask": "with_mask"}},
-        parts[2],
+        {"name": "all", "root": "A", "absent": ["mask"]},
     ]

@@ -125,9 +125,12 @@ def teacher_groups(cfg: DictConfig, union: SourceUnion) -> dict[str, dict[str, l
 
 def parts_for_classes(parts: list[dict], classes: Sequence[str]) -> list[dict]:
     """Evaluation parts narrowed to a teacher's classes: a part that names its classes keeps
-    those the teacher owns, and is left out when it names none of them."""
+    those the teacher owns, and is left out when it names none of them; `absent` keeps only
+    the teacher's classes (both must lie within the model's class names)."""
     kept = []
     for spec in parts:
+        if spec.get("absent"):
+            spec = {**spec, "absent": [c for c in spec["absent"] if c in classes]}
         named = spec.get("classes")
         if named is not None:
             mine = [c for c in named if c in classes]
