@@ -20,7 +20,7 @@ SIZE = 64
 
 class Breakable(SyntheticShapes):
     """Synthetic images that stop loading once `broken` is set (the files went away), or that
-    never load at the indices in `unreadable`."""
+    never load at the indices in `unreadable`. `decodes` counts renders, for pixels or boxes."""
 
     def __init__(self, unreadable: set[int] = frozenset(), **kwargs) -> None:
         super().__init__(**kwargs)
@@ -28,11 +28,11 @@ class Breakable(SyntheticShapes):
         self.broken = False
         self.decodes = 0
 
-    def load_image(self, index: int) -> np.ndarray:
+    def _render(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.broken or index in self.unreadable:
             raise ImageReadError(f"image_{index}.jpg: not a decodable image")
         self.decodes += 1
-        return super().load_image(index)
+        return super()._render(index)
 
 
 def source(**kwargs) -> Breakable:
@@ -52,7 +52,7 @@ def test_cached_images_equal_the_source_and_are_read_only(caplog) -> None:
         np.testing.assert_array_equal(annotation.boxes, expected.boxes)
         np.testing.assert_array_equal(annotation.labels, expected.labels)
         assert not image.flags.writeable
-    assert cached.source.decodes == 6  # every load above came from memory
+    assert cached.source.decodes == 6  # every load above, pixels and boxes, came from memory
     assert cached.class_names == plain.class_names and len(cached) == 6
     assert cached.image_info(2) == plain.image_info(2)
     mib = cached.nbytes / 2**20

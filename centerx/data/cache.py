@@ -8,6 +8,8 @@ the cached pixels through copy-on-write pages: one copy in RAM whatever data.num
 and nothing to refill per epoch. (A cache filled lazily inside the workers would die with
 them at the end of each epoch; under the spawn start method, macOS and Windows, each worker
 unpickles its own copy.) Images beyond the budget are decoded on each load, as without cache.
+Each cached image keeps its annotation beside it: a source that renders (synthetic shapes)
+would otherwise render the whole image again to give its boxes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class CachedImages(SourceView):
         self.category_ids = source.category_ids
         self.budget = int(max_mib * 2**20)
         self.images: dict[int, np.ndarray] = {}
+        self.annotations: dict[int, Annotation] = {}
         self.nbytes = 0
         started = time.perf_counter()
         self._fill()
@@ -43,13 +46,14 @@ class CachedImages(SourceView):
     def _fill(self) -> None:
         for index in range(len(self.source)):
             try:
-                image = self.source.load_image(index)
+                image, annotation = self.source.load(index)
             except ImageReadError:
                 continue  # reported where training meets it, as without cache
             if self.nbytes + image.nbytes > self.budget:
                 continue  # a smaller image may still fit
-            image.flags.writeable = False  # shared by every epoch and every worker
-            self.images[index] = image
+            for array in (image, annotation.boxes, annotation.labels):
+                array.flags.writeable = False  # shared by every epoch and every worker
+            self.images[index], self.annotations[index] = image, annotation
             self.nbytes += image.nbytes
 
     def summary(self) -> str:
@@ -64,5 +68,11 @@ class CachedImages(SourceView):
         image = self.images.get(index)
         return self.source.load_image(index) if image is None else image
 
+    def load_annotation(self, index: int) -> Annotation:
+        annotation = self.annotations.get(index)
+        return self.source.load_annotation(index) if annotation is None else annotation
+
     def load(self, index: int) -> tuple[np.ndarray, Annotation]:
-        return self.load_image(index), self.source.load_annotation(index)
+        if index in self.images:
+            return self.images[index], self.annotations[index]
+        return self.source.load(index)
