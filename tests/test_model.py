@@ -209,7 +209,7 @@ def test_without_restoring_batchnorm_stats_checkpointing_double_updates(
             *zip(ckpt.backbone.stages(), ckpt.stage_strides, strict=True),
             *zip(ckpt.neck, centernet.NECK_STRIDES, strict=True),
         ]
-        if stride <= centernet.CHECKPOINT_MAX_STRIDE
+        if stride <= ckpt.checkpoint_max_stride
     ]
     in_recomputed = {id(m) for piece in recomputed for m in piece.modules()}
     doubled = {
@@ -239,15 +239,17 @@ def test_grad_checkpoint_inactive_in_eval_and_no_grad(tiny_model_cfg) -> None:
 
 
 def test_grad_checkpoint_recomputes_the_fine_stride_pieces_only(tiny_model_cfg) -> None:
-    """Backbone pieces and neck stages with output stride <= CHECKPOINT_MAX_STRIDE (8) run twice
-    per training step (forward, then recompute in backward); the coarse ones and the heads once."""
+    """Backbone pieces and neck stages with output stride <= the backbone's checkpoint_max_stride
+    (16 for EfficientNet-Lite0) run twice per training step (forward, then recompute in
+    backward); the coarse ones and the heads once."""
     model = _build(tiny_model_cfg, "efficientnet_lite0", True, grad_checkpoint=True)
     pieces = [*model.backbone.stages(), *model.neck, model.heads]
     strides = [*model.stage_strides, *centernet.NECK_STRIDES, centernet.OUTPUT_STRIDE]
     assert strides[:9] == [2, 2, 4, 8, 16, 16, 32, 32, 32]  # stem, 7 stages, head conv
     calls = [_count_forwards(_first_module(piece)) for piece in pieces]
     _train_step(model, _images(2, 64, 64, seed=3))
-    expected = [2 if stride <= centernet.CHECKPOINT_MAX_STRIDE else 1 for stride in strides]
+    assert model.checkpoint_max_stride == 16
+    expected = [2 if stride <= 16 else 1 for stride in strides]
     expected[-1] = 1  # the heads are never checkpointed
     assert [count for (count,) in calls] == expected
 

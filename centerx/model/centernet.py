@@ -19,14 +19,17 @@ from centerx.model.neck import UpsampleNeck
 
 OUTPUT_STRIDE = 4
 NECK_STRIDES = (16, 8, 4)  # output stride of each neck stage
-# Gradient checkpointing recomputes in backward only the pieces whose output is at stride <= 8.
-# They hold most of the activations (ResNet's stride-2 stem and stride-4 layer1; EfficientNet's
-# x6 expansions, which run at their stage's input resolution: stride 2 and 4; the neck's last
-# two stages) for about half of the forward's compute. Recomputing the stride-16/32 pieces or
-# the heads would cost time and save no peak memory: the peak comes late in backward, at the
-# recompute of a stride-2/4 piece, when their activations are already freed. Measured by
-# scripts/benchmark_train.py (time, RSS); the peak's composition by torch.profiler.
-CHECKPOINT_MAX_STRIDE = 8
+# Gradient checkpointing recomputes in backward only the pieces whose output stride is at most
+# the backbone's `checkpoint_max_stride` (default 8), and the neck stages at those strides. Which
+# pieces hold the activations depends on the backbone. ResNet: the stride-2 stem and stride-4
+# layer1, and the neck's last two stages; its stride-16 layer3 is small, and recomputing it
+# saves no peak memory (ResNet-18, 256 px: -38% at 8 and at 16). EfficientNet-Lite0: its x6
+# expansions run at their stage's input resolution, and the six stride-16 blocks (expanded to
+# 480 and 672 channels) hold most of what remains once the fine pieces are recomputed, so it
+# says 16 (photos recipe: -31% at 8, -65% at 16). Recomputing the heads saves nothing: their
+# activations are needed first in backward, when everything else is still held. Measured by
+# scripts/benchmark_train.py (time, RSS).
+DEFAULT_CHECKPOINT_MAX_STRIDE = 8
 
 
 @contextlib.contextmanager
@@ -102,6 +105,9 @@ class CenterNet(nn.Module):
         self.heads = CenterNetHeads(self.neck.out_channels, num_classes, head_channels)
         self.num_classes = num_classes
         self.grad_checkpoint = grad_checkpoint
+        self.checkpoint_max_stride = int(
+            getattr(backbone, "checkpoint_max_stride", DEFAULT_CHECKPOINT_MAX_STRIDE)
+        )
         # Buffers but not state: normalisation belongs to the backbone, not the checkpoint.
         mean = torch.tensor(backbone.input_mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(backbone.input_std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -113,7 +119,7 @@ class CenterNet(nn.Module):
     ) -> torch.Tensor:
         """stage(*inputs), checkpointed when on, training, and the output stride is fine."""
         recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
-        if recompute and stride <= CHECKPOINT_MAX_STRIDE:
+        if recompute and stride <= self.checkpoint_max_stride:
             return checkpoint(
                 stage,
                 *inputs,

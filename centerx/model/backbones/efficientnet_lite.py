@@ -87,6 +87,9 @@ class EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0 features: stem, 16 MBConv blocks, 1x1 head conv; stride 32, 1280 ch."""
 
     stride: int = 32
+    # Gradient checkpointing recomputes pieces up to this output stride: the stride-16 blocks
+    # hold most of the activations (see centerx/model/centernet.py).
+    checkpoint_max_stride: int = 16
     # The TF-Lite weights expect (x - 127) / 128 on 0..255 RGB.
     input_mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
     input_std: tuple[float, float, float] = (128.0, 128.0, 128.0)
