@@ -121,6 +121,18 @@ def test_main_job_smoke(tmp_path: Path, run_ok) -> None:
     assert scored["AP"] == pytest.approx(report["models"]["student"]["AP"], abs=1e-9)
     assert scored["per_class_AP"] == pytest.approx(report["models"]["student"]["per_class_AP"])
 
+    # Rendered again from the trained stages: the same figures, each stage's own training time.
+    (run / "report.json").unlink()
+    run_ok([sys.executable, "-m", "centerx", "main", "experiment=fast_story",
+            f"hydra.run.dir={run}", "main_job.reuse=true"], 300)  # fmt: skip
+    again = json.loads((run / "report.json").read_text())
+    for name, figures in again["models"].items():
+        first = report["models"][name]
+        assert figures["reused"] and not first["reused"], name
+        assert figures["train_seconds"] == first["train_seconds"] > 0, name
+        assert figures["per_class_AP"] == pytest.approx(first["per_class_AP"]), name
+    assert "(reused)" in (run / "report.md").read_text()
+
 
 def test_a_teachers_eval_parts_name_only_its_classes() -> None:
     """apple_mask: the test parts name [apple] and [mask]; the apple teacher's held-out set

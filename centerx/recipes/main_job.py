@@ -20,6 +20,7 @@ prints the commands):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -235,18 +236,26 @@ def stage_done(stage: Stage, stage_dir: Path) -> bool:
     )
 
 
-def run_stage(stage: Stage, out_dir: Path, reuse: bool) -> float:
-    """Train one stage into out_dir/<name> (checkpoints, metrics.jsonl, curves.png); seconds."""
+STAGE_SECONDS = "stage_seconds.json"  # a stage's own training time, read back when reused
+
+
+def run_stage(stage: Stage, out_dir: Path, reuse: bool) -> tuple[float, bool]:
+    """Train one stage into out_dir/<name> (checkpoints, metrics.jsonl, curves.png); its
+    training seconds and whether it was reused (then the seconds are those it took back then)."""
     stage_dir = out_dir / stage.name
     if reuse and stage_done(stage, stage_dir):
         log.info("[main] %s: reusing %s", stage.name, stage.checkpoint(out_dir))
-        return 0.0
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return float(json.loads((stage_dir / STAGE_SECONDS).read_text())["seconds"]), True
+        return float("nan"), True  # trained before its time was recorded
     started = time.time()
     clear_outputs(stage_dir)  # a rerun starts afresh (no old log or best.pt mixed in)
     save_config(stage.cfg, stage_dir)
     train_source, val_source = build_sources(stage.cfg.data)
     train_model(stage.cfg, train_source, val_source, stage_dir)
-    return time.time() - started
+    seconds = time.time() - started
+    (stage_dir / STAGE_SECONDS).write_text(json.dumps({"seconds": round(seconds, 1)}))
+    return seconds, False
 
 
 def score(checkpoint: Path, eval_cfg: DictConfig) -> dict:
@@ -317,12 +326,13 @@ def run_main_job(cfg: DictConfig, out_dir: Path) -> dict:
     for stage in stages:  # every stage's config and held-out set, before hours of training
         stage.cfg = compose(config_name=stage.task, overrides=base + stage.overrides)
         build_eval_source(stage.cfg.data, "test", list(stage.cfg.data.class_names))
-    results, timings, extra_commands = {}, {}, []
+    results, timings, reused, extra_commands = {}, {}, [], []
     for number, stage in enumerate(stages, 1):
         if stage.name == "pseudo_label":
             extra_commands = make_pseudo_labels(cfg, base, teachers, out_dir)
         print(f"[main] stage {number}/{len(stages)}: {stage.title}", flush=True)
-        timings[stage.name] = run_stage(stage, out_dir, bool(cfg.main_job.reuse))
+        timings[stage.name], was_reused = run_stage(stage, out_dir, bool(cfg.main_job.reuse))
+        reused += [stage.name] if was_reused else []
         results[stage.name] = score(stage.checkpoint(out_dir), cfg.eval)
         (out_dir / stage.name / "heldout_eval.json").write_text(
             json.dumps(results[stage.name], indent=1)
@@ -332,7 +342,8 @@ def run_main_job(cfg: DictConfig, out_dir: Path) -> dict:
         )
     context = report.ReportContext(
         cfg=cfg, out_dir=out_dir, stages=stages, base=base, teachers=teachers,
-        results=results, timings=timings, pseudo_label_commands=extra_commands, started=started,
+        results=results, timings=timings, reused=reused, pseudo_label_commands=extra_commands,
+        started=started,
     )  # fmt: skip
     summary = report.write_all(context)
     return {

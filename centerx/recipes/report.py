@@ -42,7 +42,8 @@ class ReportContext:
     base: list[str]
     teachers: dict[str, dict[str, list[str]]]  # name -> {classes, parts}
     results: dict[str, dict]  # stage name -> held-out metrics
-    timings: dict[str, float]
+    timings: dict[str, float]  # stage name -> training seconds (a reused stage's earlier ones)
+    reused: list[str]  # stages taken from an earlier run (main_job.reuse=true)
     pseudo_label_commands: list[str]
     started: float
 
@@ -57,6 +58,25 @@ class ReportContext:
 
 def _number(value: Any) -> float:
     return 0.0 if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return round(value, 1) if math.isfinite(value) else None
+
+
+def _seconds(value: float) -> str:
+    return "not recorded" if not math.isfinite(value) else f"{value:.0f}"
+
+
+def _reused_note(ctx: ReportContext) -> str:
+    """Said next to the wall time, which then covers only what this run did."""
+    if not ctx.reused:
+        return ""
+    trained = sum(v for n, v in ctx.timings.items() if n in ctx.reused and math.isfinite(v))
+    return (
+        f" for this run, which reused {len(ctx.reused)} stage(s) trained earlier "
+        f"({trained:.0f} s of training then, per stage below)"
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -266,7 +286,8 @@ def report_json(ctx: ReportContext, summary: dict, commands: Mapping, extras: Ma
             "per_class_AP50": {k: _number(v) for k, v in m["per_class_AP50"].items()},
             "checkpoint": str(ctx.out_dir / name / "checkpoints" / "best.pt"),
             "commands": list(commands[name]),
-            "train_seconds": round(ctx.timings.get(name, 0.0), 1),
+            "train_seconds": _finite_or_none(ctx.timings.get(name, 0.0)),
+            "reused": name in ctx.reused,
         }
         for name, m in ctx.results.items()
     }
@@ -319,7 +340,7 @@ def render_markdown(ctx: ReportContext, summary: dict, commands: Mapping, extras
         ]
     values = {
         "out_dir": ctx.out_dir,
-        "wall_time": f"{extras['wall_time_s']:.0f}",
+        "wall_time": f"{extras['wall_time_s']:.0f}" + _reused_note(ctx),
         "machine": f"{cfg.train.device}, {extras['threads']} torch thread(s), {extras['cpus']} CPUs, "
         f"load average {extras['load']:.1f} at the end",
         "data": f"`{extras['data_choice']}`, classes {ctx.class_names}",
@@ -342,7 +363,8 @@ def render_markdown(ctx: ReportContext, summary: dict, commands: Mapping, extras
         "student_verdict": _verdict(summary["student_criteria"]),
         "naive_verdict": _verdict(summary["naive_visibly_worse"]),
         "timings": "\n".join(
-            f"| {name} | {seconds:.0f} |" for name, seconds in ctx.timings.items()
+            f"| {name} | {_seconds(seconds)}{' (reused)' if name in ctx.reused else ''} |"
+            for name, seconds in ctx.timings.items()
         ),
         "columns": ", ".join(extras["comparison_columns"]),
         "export": extras["export_line"],
