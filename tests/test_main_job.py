@@ -131,7 +131,8 @@ def test_main_job_smoke(tmp_path: Path, run_ok) -> None:
         assert figures["reused"] and not first["reused"], name
         assert figures["train_seconds"] == first["train_seconds"] > 0, name
         assert figures["per_class_AP"] == pytest.approx(first["per_class_AP"]), name
-    assert "(reused)" in (run / "report.md").read_text()
+    text = (run / "report.md").read_text()
+    assert "(reused)" in text and f"reused {len(models)} stage(s) trained earlier" in text
 
 
 def test_a_teachers_eval_parts_name_only_its_classes() -> None:

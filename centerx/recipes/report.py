@@ -340,7 +340,7 @@ def render_markdown(ctx: ReportContext, summary: dict, commands: Mapping, extras
         ]
     values = {
         "out_dir": ctx.out_dir,
-        "wall_time": f"{extras['wall_time_s']:.0f}" + _reused_note(ctx),
+        "wall_time": f"{extras['wall_time_s']:.0f} s" + _reused_note(ctx),
         "machine": f"{cfg.train.device}, {extras['threads']} torch thread(s), {extras['cpus']} CPUs, "
         f"load average {extras['load']:.1f} at the end",
         "data": f"`{extras['data_choice']}`, classes {ctx.class_names}",
