@@ -46,6 +46,10 @@ class CenterxError(Exception):
         super().__init__(message)
         self.hint = hint  # what to do about it, printed in parentheses
 
+    def __reduce__(self) -> tuple:
+        # Keeps the hint when the error crosses a process boundary (a stage process of a recipe).
+        return (type(self), (str(self), self.hint))
+
 
 class UsageError(CenterxError, ValueError):
     """The command line or configuration asks for something impossible (exit 2)."""

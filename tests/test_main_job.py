@@ -151,3 +151,20 @@ def test_a_teachers_eval_parts_name_only_its_classes() -> None:
         {"name": "mask", "root": "M", "classes": {"mask": "with_mask"}},
         {"name": "all", "root": "A", "absent": ["mask"]},
     ]
+
+
+def test_the_stages_inherit_the_default_experiment() -> None:
+    """conf/main.yaml picks experiment=main_synthetic by default: its data settings (size,
+    cache) must reach every stage, not only the main job's own config."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from centerx.recipes.main_job import base_overrides
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        main = compose(config_name="main", overrides=["seed=3"], return_hydra_config=True)
+        HydraConfig.instance().set_config(main)
+        base = base_overrides()
+        stage = compose(config_name="train", overrides=base)
+    assert "experiment=main_synthetic" in base and "seed=3" in base
+    for key in ("image_size", "cache"):
+        assert stage.data[key] == main.data[key], key

