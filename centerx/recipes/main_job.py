@@ -375,9 +375,10 @@ def main_job_task(cfg: DictConfig) -> dict:
 
 def stage_resources(cfg: DictConfig, slots: int, base: Sequence[str]) -> list[str]:
     """Overrides for every stage when `slots` stages train at once: each its share of the CPUs
-    as torch threads, and no loader worker (training or evaluation) when that share is one core
-    (the worker would only compete with its own trainer). Only where the config differs and the command line is
-    silent; they are part of each stage's config, so its printed command reproduces it."""
+    as torch threads, and no loader worker (training or evaluation) when that share is one
+    core (the worker would only compete with its own trainer). Only where the config differs
+    and the command line is silent; they are part of each stage's config, so its printed
+    command reproduces it."""
     if slots == 1:
         return []
     given = {override_key(item) for item in base}
@@ -404,12 +405,16 @@ def _ready(stage: Stage, teachers_done: bool, labels_made: bool) -> bool:
 
 
 def run_stages(
-    cfg: DictConfig, stages: list[Stage], base: list[str], teachers: Mapping, out_dir: Path
+    cfg: DictConfig,
+    stages: list[Stage],
+    slots: int,
+    base: list[str],
+    teachers: Mapping,
+    out_dir: Path,
 ) -> tuple[dict[str, StageOutcome], list[str]]:
-    """Every stage, up to main_job.parallel at once (stage processes, see
-    centerx/recipes/parallel.py), each as soon as what it needs exists; the outcomes and the
-    pseudo-label commands. Finished stages stay on disk whatever happens to the others."""
-    slots = parallel.stage_slots(cfg.main_job.get("parallel", "auto"), str(cfg.train.device))
+    """Every stage, up to `slots` at once (stage processes, see centerx/recipes/parallel.py),
+    each as soon as what it needs exists; the outcomes and the pseudo-label commands. Finished
+    stages stay on disk whatever happens to the others."""
     reuse = bool(cfg.main_job.reuse)
     outcomes: dict[str, StageOutcome] = {}
     waiting, running = list(stages), {}
@@ -470,7 +475,7 @@ def run_main_job(cfg: DictConfig, out_dir: Path) -> dict:
         stage.overrides += resources
         stage.cfg = compose(config_name=stage.task, overrides=base + stage.overrides)
         build_eval_source(stage.cfg.data, "test", list(stage.cfg.data.class_names))
-    outcomes, pseudo_commands = run_stages(cfg, stages, base, teachers, out_dir)
+    outcomes, pseudo_commands = run_stages(cfg, stages, slots, base, teachers, out_dir)
     in_order = {stage.name: outcomes[stage.name] for stage in stages}
     context = report.ReportContext(
         cfg=cfg, out_dir=out_dir, stages=stages, base=base, teachers=teachers,
