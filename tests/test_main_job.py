@@ -168,3 +168,20 @@ def test_the_stages_inherit_the_default_experiment() -> None:
     assert "experiment=main_synthetic" in base and "seed=3" in base
     for key in ("image_size", "cache"):
         assert stage.data[key] == main.data[key], key
+
+
+def test_a_stage_is_reused_only_when_it_trained_to_the_end(tmp_path: Path) -> None:
+    """A stage killed mid-training leaves best.pt from its last evaluation: not done."""
+    from centerx.recipes.main_job import STAGE_SECONDS, Stage, stage_done
+
+    cfg = OmegaConf.create({"train": {"epochs": 16}})
+    stage = Stage("teacher_a", "train", "", [], cfg)
+    stage_dir = tmp_path / "teacher_a"
+    (stage_dir / "checkpoints").mkdir(parents=True)
+    (stage_dir / "checkpoints" / "best.pt").write_bytes(b"")
+    (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    assert not stage_done(stage, stage_dir)
+    (stage_dir / STAGE_SECONDS).write_text('{"seconds": 12.0}')
+    assert stage_done(stage, stage_dir)
+    (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml({"train": {"epochs": 8}}))
+    assert not stage_done(stage, stage_dir)

@@ -243,16 +243,19 @@ def pseudo_label_overrides(
 # ---------------------------------------------------------------------------------------------
 
 
+STAGE_SECONDS = "stage_seconds.json"  # a stage's own training time; written once it finished
+
+
 def stage_done(stage: Stage, stage_dir: Path) -> bool:
+    """Trained to the end with this very config. best.pt alone does not say so: a stage killed
+    mid-training has one from its last evaluation; stage_seconds.json is written at the end."""
     config = stage_dir / "config.yaml"
     return (
         stage.checkpoint(stage_dir.parent).is_file()
+        and (stage_dir / STAGE_SECONDS).is_file()
         and config.is_file()
         and config.read_text() == OmegaConf.to_yaml(stage.cfg, resolve=True)
     )
-
-
-STAGE_SECONDS = "stage_seconds.json"  # a stage's own training time, read back when reused
 
 
 def run_stage(
@@ -267,7 +270,7 @@ def run_stage(
         log.info("[main] %s: reusing %s", stage.name, stage.checkpoint(out_dir))
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             return float(json.loads((stage_dir / STAGE_SECONDS).read_text())["seconds"]), True
-        return float("nan"), True  # trained before its time was recorded
+        return float("nan"), True  # its time file is unreadable
     started = time.time()
     clear_outputs(stage_dir)  # a rerun starts afresh (no old log or best.pt mixed in)
     save_config(stage.cfg, stage_dir)
