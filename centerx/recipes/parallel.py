@@ -4,7 +4,7 @@ A small CenterNet on a CPU does not use two cores well: on the 2-core machine, t
 training step (tiny backbone, 128 px, batch 16) takes about as long with one torch thread as
 with two (0.22 s against 0.20-0.24 s). Two such stages side by side, one thread each and no
 loader worker (nothing to overlap with on a core that is already busy), trained 4 epochs each
-in 47 s, against 34 s for one stage alone with both cores and a worker: about 1.5x the
+in 47 s, against 34 s for one stage alone with both cores and a worker: about 1.45x the
 throughput. The main job's figures are in the README.
 
 Stages run in spawned processes (not forked: the parent's torch thread pool does not survive a
