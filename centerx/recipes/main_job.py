@@ -335,14 +335,19 @@ def train_and_score_in_process(
 def make_pseudo_labels(
     cfg: DictConfig, base: list[str], teachers: Mapping, out_dir: Path
 ) -> list[str]:
-    """Each teacher labels the union's training images (run.sh pseudo_label); the commands."""
+    """Each teacher labels the union's training images (run.sh pseudo_label); the commands.
+    The teachers' commands differ only in checkpoint and output, so they share one source,
+    read as `run.sh pseudo_label` reads it (each image once per teacher: no cache to fill,
+    no val split to build)."""
     commands = []
+    source = None
     for teacher in teachers:
         overrides = pseudo_label_overrides(
             base, out_dir, teacher, cfg.main_job.pseudo_label_threshold
         )
         step = compose(config_name="pseudo_label", overrides=overrides)
-        source = build_sources(step.data)[0]
+        if source is None:
+            source = instantiate(step.data[step.split])
         labels = pseudo_label(
             source, step.checkpoint, float(step.threshold), None, step.eval.batch_size
         )

@@ -25,6 +25,7 @@ from centerx.engine.evaluate import torch_predictor
 from centerx.engine.predict import predict_image
 from centerx.model.checkpoint import model_from_checkpoint
 from centerx.recipes.overrides import command, override
+from centerx.recipes.parallel import usable_cpus
 from centerx.utils.visualize import draw_detections, image_grid, save_rgb
 
 log = logging.getLogger(__name__)
@@ -405,7 +406,7 @@ def write_all(ctx: ReportContext) -> dict:
     commands = stage_commands(ctx)
     extras = {
         "wall_time_s": time.time() - ctx.started,
-        "cpus": os.cpu_count(),
+        "cpus": usable_cpus(),
         "load": os.getloadavg()[0],
         "data_choice": next((o for o in ctx.base if o.startswith("data=")), "data=synthetic"),
         "comparison_columns": columns,
