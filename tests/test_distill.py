@@ -135,16 +135,19 @@ def trained_teacher(tmp_path_factory) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_teacher_peak_weight_keeps_peaks_max_over_classes() -> None:
+def test_teacher_peak_weight_keeps_confident_peaks_max_over_classes() -> None:
     probs = torch.zeros(1, 2, 5, 5)
     probs[0, 0, 1, 1] = 0.8  # peak of class 0
     probs[0, 0, 1, 2] = 0.5  # its shoulder: not a peak
     probs[0, 1, 1, 1] = 0.3  # a weaker peak of class 1 at the same cell: max wins
     probs[0, 1, 3, 3] = 0.6  # peak of class 1
+    probs[0, 0, 4, 0] = 0.09  # a faint background peak, below the prior: no weight
+    probs[0, 1, 0, 4] = 0.1  # exactly the prior: a detection
     weight = teacher_peak_weight(probs)
     expected = torch.zeros(1, 1, 5, 5)
     expected[0, 0, 1, 1] = 0.8
     expected[0, 0, 3, 3] = 0.6
+    expected[0, 0, 0, 4] = 0.1
     assert weight.shape == (1, 1, 5, 5)
     assert torch.equal(weight, expected)
 

@@ -10,7 +10,14 @@ import json
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
+import torch
+from omegaconf import OmegaConf
+
+from centerx.model.centernet import build_model
+from centerx.model.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,3 +99,40 @@ def test_benchmark_export_measures_every_variant(tmp_path: Path, run_ok) -> None
     )
     assert all(ms > 0 for ms in result["median_ms"].values())
     assert result["image_size"] == 64 and result["heatmap_cells"] == 3 * 16 * 16
+
+
+def test_kd_peak_weight_reports_faint_weight_and_object_probabilities(
+    tmp_path: Path, run_ok, tiny_model_cfg
+) -> None:
+    folder = tmp_path / "voc" / "train"
+    folder.mkdir(parents=True)
+    for index in range(3):  # one raccoon per image, and a dog the teacher does not know
+        cv2.imwrite(str(folder / f"{index}.png"), np.full((48, 64, 3), 40 * index, np.uint8))
+        (folder / f"{index}.xml").write_text(
+            f"<annotation><filename>{index}.png</filename>"
+            "<object><name>raccoon</name><bndbox><xmin>4</xmin><ymin>4</ymin><xmax>30</xmax>"
+            "<ymax>30</ymax></bndbox></object><object><name>dog</name><bndbox><xmin>34</xmin>"
+            "<ymin>4</ymin><xmax>60</xmax><ymax>40</ymax></bndbox></object></annotation>"
+        )
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "teacher.pt"
+    save_checkpoint(
+        checkpoint,
+        {
+            "model": build_model(tiny_model_cfg, 1).state_dict(),
+            "ema": None,
+            "class_names": ["raccoon"],
+            "model_config": OmegaConf.to_container(tiny_model_cfg),
+            "image_size": 64,
+        },
+    )
+    done = run_ok(
+        script(
+            "kd_peak_weight.py",
+            *("--teacher", str(checkpoint), "--voc", str(tmp_path / "voc")),
+            *("--images", "3", "--image-size", "64"),
+        ),
+        timeout=300,
+    )
+    assert "peak weight below 0.1:" in done.stdout, done.stdout
+    assert "probability at 3 ground-truth centres" in done.stdout, done.stdout

@@ -50,11 +50,16 @@ wh and offset: L1 at every pixel, weighted by the teacher's peak-masked heatmap.
       the supervised loss trains them at ground-truth centres only, so everywhere
       else they are unconstrained garbage. Copying them densely would teach noise.
     * The weight is the teacher's heatmap kept only at its 3x3 local maxima (the same
-      `peak_mask` decoding uses), max over the classes the teacher owns: each would-be
-      detection of the teacher weighs by its confidence, so a sure centre teaches its
-      box fully, a faint one a little, and non-peaks (a peak's shoulders) not at all.
-      Local maxima of the background count too, but only by their probability, which is
-      ~0 for a trained teacher.
+      `peak_mask` decoding uses) that reach the heads' prior (0.1), max over the classes the
+      teacher owns: each detection of the teacher weighs by its confidence, so a sure centre
+      teaches its box fully, a faint one a little, and non-peaks (a peak's shoulders) not
+      at all.
+    * Why the 0.1 floor: a trained teacher's background is not ~0 but a field of faint local
+      maxima, one every ~9 cells. Measured on the apple_mask teachers (24 training images
+      per set, 256 px, scripts/kd_peak_weight.py): peaks below 0.1 carried 89% of the weight
+      on fruits photos (teacher_fruits) and 64% on mask photos (teacher_mask), so most of
+      the wh/offset KD copied the sizes the teacher outputs where it sees nothing, while at
+      ground-truth centres its probability reaches 0.1 for 10 of 10 apples, 100 of 104 faces.
       Classes the teacher does not own for this student add no weight (their boxes
       belong to another teacher or to ground truth).
     * The sum is normalised by the weight sum (times the channel count), i.e. it is a
@@ -89,15 +94,23 @@ def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
+def teacher_detections(
+    teacher_probs: torch.Tensor, min_peak: float = HEATMAP_PRIOR, kernel: int = 3
+) -> torch.Tensor:
+    """The teacher's probabilities kept at its kxk local maxima scoring >= `min_peak`, zero
+    elsewhere (same shape): what it would detect. Without `min_peak` the background would
+    count: a flat or noisy 1e-3 background has a local maximum every few cells, as much mass
+    per 80x80 map as an object."""
+    peaks = peak_mask(teacher_probs.detach(), kernel)
+    return torch.where(peaks >= min_peak, peaks, torch.zeros_like(peaks))
+
+
 def teacher_peak_mass(
     teacher_probs: torch.Tensor, min_peak: float = HEATMAP_PRIOR, kernel: int = 3
 ) -> torch.Tensor:
-    """Sum of the teacher's probabilities at its kxk local maxima scoring >= `min_peak`, at
-    least 1: the soft number of objects it sees in the batch (all classes), a heatmap loss's
-    normaliser. Without `min_peak` the background would count: a flat or noisy 1e-3
-    background has a local maximum every few cells, as much mass per 80x80 map as an object."""
-    peaks = peak_mask(teacher_probs.detach(), kernel)
-    return torch.where(peaks >= min_peak, peaks, torch.zeros_like(peaks)).sum().clamp(min=1.0)
+    """Sum of `teacher_detections`, at least 1: the soft number of objects the teacher sees
+    in the batch (all classes), a heatmap loss's normaliser."""
+    return teacher_detections(teacher_probs, min_peak, kernel).sum().clamp(min=1.0)
 
 
 def heatmap_kd_focal(
@@ -130,14 +143,16 @@ def heatmap_kd_mse(student_logits: torch.Tensor, teacher_probs: torch.Tensor) ->
     return F.mse_loss(student_probs, teacher_probs.detach().to(student_probs.dtype))
 
 
-def teacher_peak_weight(teacher_probs: torch.Tensor, kernel: int = 3) -> torch.Tensor:
+def teacher_peak_weight(
+    teacher_probs: torch.Tensor, min_peak: float = HEATMAP_PRIOR, kernel: int = 3
+) -> torch.Tensor:
     """[B,K,H,W] probabilities of the teacher's owned classes -> weight [B,1,H,W]:
-    max over those classes of the probabilities kept at 3x3 peaks (zero elsewhere)."""
+    max over those classes of `teacher_detections` (peaks >= `min_peak`, zero elsewhere)."""
     if teacher_probs.ndim != 4 or teacher_probs.shape[1] == 0:
         raise ValueError(
             f"teacher_peak_weight expects [B,K,H,W] with K >= 1, got {tuple(teacher_probs.shape)}"
         )
-    return peak_mask(teacher_probs.detach().float(), kernel).amax(dim=1, keepdim=True)
+    return teacher_detections(teacher_probs.float(), min_peak, kernel).amax(dim=1, keepdim=True)
 
 
 def masked_dense_l1(
