@@ -60,10 +60,10 @@ def measure(args: argparse.Namespace) -> None:
     print(f"teacher {args.teacher} ({classes}) on {len(picked)} {args.split} images of {args.voc}")
     print(f"  peak weight below {args.min_peak}: {faint / max(total, 1e-12):.0%} of {total:.1f}")
     if objects.size:
-        quartiles = np.quantile(objects, [0.1, 0.25, 0.5, 0.75, 0.9]).round(3).tolist()
+        quantiles = np.quantile(objects, [0.1, 0.25, 0.5, 0.75, 0.9]).round(3).tolist()
         print(
             f"  probability at {objects.size} ground-truth centres: quantiles 10/25/50/75/90% "
-            f"{quartiles}; {np.mean(objects >= args.min_peak):.0%} reach {args.min_peak}"
+            f"{quantiles}; {np.mean(objects >= args.min_peak):.0%} reach {args.min_peak}"
         )
 
 
