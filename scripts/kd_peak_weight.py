@@ -21,9 +21,9 @@ import torch
 from centerx.data.pipeline import EvalDataset
 from centerx.data.voc import VOCDetection
 from centerx.errors import run_script
+from centerx.losses.distill import teacher_peak_weight
 from centerx.model.centernet import OUTPUT_STRIDE
 from centerx.model.checkpoint import model_from_checkpoint
-from centerx.model.decode import peak_mask
 
 
 def centre_cells(boxes: np.ndarray, matrix: np.ndarray, grid: int) -> np.ndarray:
@@ -48,7 +48,7 @@ def measure(args: argparse.Namespace) -> None:
         sample = dataset[int(index)]
         with torch.no_grad():
             probs = teacher(torch.from_numpy(sample["image"])[None].float())["heatmap"].sigmoid()[0]
-        peaks = peak_mask(probs[None], 3)[0].amax(0)
+        peaks = teacher_peak_weight(probs[None], min_peak=0.0)[0, 0]  # every peak: no floor
         total += float(peaks.sum())
         faint += float(peaks[peaks < args.min_peak].sum())
         annotation = source.load_annotation(int(index))
