@@ -93,16 +93,19 @@ def spread(values: list[float]) -> dict:
 
 
 def summarise(per_seed: dict[int, dict[str, dict]]) -> dict:
-    """model -> metric -> class -> spread over seeds (classes a model does not predict left out)."""
-    models = list(next(iter(per_seed.values())))
+    """model -> metric -> class -> spread over the seeds that trained that model (a model only
+    some seeds ran, e.g. a second student, keeps those seeds; classes it does not predict are
+    left out)."""
+    models = list(dict.fromkeys(model for models in per_seed.values() for model in models))
     summary: dict = {}
     for model in models:
-        summary[model] = {}
+        seeds = [s for s in per_seed if model in per_seed[s]]
+        summary[model] = {"seeds": seeds}
         for metric in METRICS:
-            classes = per_seed[next(iter(per_seed))][model][f"per_class_{metric}"]
+            classes = per_seed[seeds[0]][model][f"per_class_{metric}"]
             summary[model][metric] = {
                 name: spread(
-                    [per_seed[s][model][f"per_class_{metric}"][name] or 0.0 for s in per_seed]
+                    [per_seed[s][model][f"per_class_{metric}"][name] or 0.0 for s in seeds]
                 )
                 for name in classes
             }
@@ -127,7 +130,8 @@ def markdown(summary: dict, seeds: Sequence[int], owner: dict[str, str]) -> str:
                     if s is None
                     else f"{s['mean']:.3f} ± {s['std']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
                 )
-            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+            only = "" if len(figures["seeds"]) == len(seeds) else f" (seeds {figures['seeds']})"
+            lines.append(f"| {model}{only} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
