@@ -40,7 +40,8 @@ def start(name: str, overrides: Sequence[str], out: Path, threads: int) -> subpr
     if (run / "eval.json").is_file():
         print(f"[tta] {name}: done before, reusing {run}", flush=True)
         return None
-    args = [sys.executable, "-m", "centerx", "train", *overrides, f"train.num_threads={threads}",
+    # The runner's thread count first: a variant's own train.num_threads (later) wins.
+    args = [sys.executable, "-m", "centerx", "train", f"train.num_threads={threads}", *overrides,
             "train.progress=false", f"hydra.run.dir={run}", "overwrite=true"]  # fmt: skip
     print(f"[tta] {name}: {' '.join(shlex.quote(a) for a in args[3:])}", flush=True)
     log = (out / f"{name}.log").open("w")
