@@ -2,10 +2,11 @@
 
 The decay ramps as min(decay, (1 + n) / (10 + n)) after n updates (the num_updates rule of
 TensorFlow's ExponentialMovingAverage): the average spans about the last tenth of the steps
-so far, whatever the run's length, until it reaches `decay`. Why not YOLOX's
-decay * (1 - exp(-n / 2000)): that ramp assumes tens of thousands of steps. A 16-epoch run on
-100-300 photos has 80-320 steps, over which it stays below 0.33-0.80, so the "average" was
-the last one to five raw steps, and validation AP swung by up to 0.4 between evaluations.
+so far, whatever the run's length, until it reaches `decay`. Why not the former ramp,
+decay * (1 - exp(-n / 200)) (YOLOX's form; YOLOX uses 2000): it assumes thousands of steps. A
+16-epoch run on 100-300 photos has 80-320 steps, over which it stays below 0.33-0.80, so the
+"average" was the last one to five raw steps, and validation AP swung by up to 0.4 between
+evaluations.
 """
 
 from __future__ import annotations
