@@ -22,7 +22,7 @@ def run_ema(weights: torch.Tensor, decay: float = 0.998) -> torch.Tensor:
 
 def test_ema_averages_noise_within_a_short_run() -> None:
     """80 updates of weights = 5 + unit noise: the EMA's error must be a fraction of one
-    raw step's. (The former YOLOX ramp, decay * (1 - exp(-n / 200)), left 0.7 of it here.)"""
+    raw step's. (The former YOLOX-style ramp, decay * (1 - exp(-n / 200)), left 0.7 of it here.)"""
     generator = torch.Generator().manual_seed(0)
     weights = 5 + torch.randn(80, 4000, generator=generator)
     error = (run_ema(weights) - 5).std().item()
