@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 from pathlib import Path
 
 import cv2
@@ -22,6 +24,7 @@ from centerx.data.pipeline import TrainingDataset, build_loader
 from centerx.data.synthetic import SyntheticShapes
 from centerx.engine.optim import lr_factor
 from centerx.engine.trainer import Trainer, TrainingDiverged
+from centerx.errors import Interrupted
 from centerx.losses.centernet_loss import CenterNetLoss
 from centerx.losses.weighting import FixedWeights
 from centerx.model import checkpoint as checkpoint_module
@@ -85,11 +88,28 @@ class Scripted:
         fault = self.faults.get(self.calls)
         if fault in ("nan", "inf"):
             terms["cls"] = terms["cls"] * float(fault)
+        elif fault in ("sigint_in_finaliser", "sigterm"):
+            deliver_signal(signal.SIGINT if fault == "sigint_in_finaliser" else signal.SIGTERM)
         elif fault == "nan_grad":
             weight = next(model.parameters())
             zero = (weight - weight.detach()).pow(2).sum()  # value 0, d sqrt(z)/dz at 0: inf
             terms["cls"] = terms["cls"] + torch.sqrt(zero)
         return terms
+
+
+class SignalsWhenCollected:
+    """Sends a signal from its finaliser: Python drops an exception raised there, which is how
+    a Ctrl-C that lands in any `__del__` (a loader iterator's, a tensor's) used to be lost."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), self.signum)
+
+
+def deliver_signal(signum: int) -> None:
+    SignalsWhenCollected(signum)  # collected at once: the signal arrives inside __del__
 
 
 def flat_weights(model: torch.nn.Module) -> torch.Tensor:
@@ -285,6 +305,24 @@ def test_ema_best_checkpoint_and_logs(tmp_path: Path) -> None:
     assert [r["AP"] for r in log if r["kind"] == "eval"] == [0.5, 0.3]
     image = cv2.imread(str(tmp_path / "curves.png"))
     assert image is not None and image.shape[0] > 100
+
+
+@pytest.mark.parametrize(("fault", "exit_code"), [("sigint_in_finaliser", 130), ("sigterm", 143)])
+def test_a_signal_stops_training_after_the_step(tmp_path: Path, fault: str, exit_code: int) -> None:
+    """Ctrl-C (even one that lands inside a finaliser, where Python would drop it) or SIGTERM
+    in the first step of epoch 2 ends the run after that step, with epoch 1's last.pt kept,
+    and the previous signal handlers back."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    objective = Scripted({3: fault})  # 2 steps per epoch: call 3 opens epoch 2
+    trainer = make_trainer(tmp_path, objective, epochs=4)
+    with pytest.raises(
+        Interrupted, match=r"interrupted in epoch 2; checkpoints/last\.pt holds epoch 1"
+    ) as raised:
+        trainer.fit()
+    assert raised.value.exit_code == exit_code
+    assert objective.calls == 3 and trainer.epoch == 1
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
 
 
 def test_interrupted_checkpoint_write_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:

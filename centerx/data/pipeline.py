@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import operator
+import signal
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -229,6 +231,21 @@ def collate(samples: Sequence[dict | None]) -> dict:
     return batch
 
 
+def _quiet_worker(worker_id: int) -> None:
+    """Loader workers leave interrupts to the main process. A terminal's Ctrl-C reaches every
+    process of the group: a worker that died of it first would turn a clean stop into "worker
+    exited unexpectedly". And a worker whose batch the interrupted main process stopped
+    receiving halfway must not print that BrokenPipeError's traceback over the one-line error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    report = sys.excepthook
+
+    def drop_broken_pipes(kind, value, traceback) -> None:
+        if not issubclass(kind, (BrokenPipeError, ConnectionResetError)):
+            report(kind, value, traceback)
+
+    sys.excepthook = drop_broken_pipes  # multiprocessing's resource sharer reports through it
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -250,6 +267,7 @@ def build_loader(
         collate_fn=collate,
         drop_last=drop_last,
         generator=generator,
+        worker_init_fn=_quiet_worker,
         pin_memory=pin_memory,  # page-locked batches: host-to-GPU copies overlap compute
         # Not persistent: workers keep the dataset copy they started with, so the trainer's
         # per-epoch `dataset.epoch` (new augmentations each epoch) would never reach them, and

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from centerx.data.base import DatasetError, DetectionSource
 from centerx.data.pipeline import EvalDataset, build_loader
 from centerx.engine import distributed as dist
+from centerx.engine import interrupts
 from centerx.errors import ConfigError
 from centerx.model.decode import decode, flip_merge
 from centerx_export.imaging import class_color, to_original
@@ -82,6 +83,7 @@ def predict_source(
     loader = build_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
     results: list[dict] = []
     for batch in tqdm(loader, desc="eval", disable=not dist.progress_bars(progress), leave=False):
+        interrupts.raise_if_requested()  # inside training: Ctrl-C does not wait for the pass
         if "image" not in batch:
             continue
         boxes, scores, classes = (

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from centerx.data.base import DatasetError
 from centerx.data.pipeline import SUBSTITUTES
 from centerx.engine import distributed as dist
+from centerx.engine import interrupts
 from centerx.engine.ema import ModelEMA
 from centerx.engine.optim import build_optimizer, build_scheduler, lr_factor
 from centerx.engine.precision import AutocastForward, autocast_dtype
@@ -453,6 +454,7 @@ class Trainer:
             objects += int(batch["mask"].sum()) if "mask" in batch else 0
             lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (logged below)
             logs = self._step(self._to_device(batch))
+            interrupts.raise_if_requested()  # between steps, never mid-transfer or in a finaliser
             self.global_step += 1
             if logs is None:
                 continue
@@ -521,7 +523,11 @@ class Trainer:
 
     def _interrupted(self, interrupt: BaseException) -> Interrupted:
         """What was kept, and the command line that continues (in the same run directory)."""
-        where = f"interrupted in epoch {self.epoch + 1}"
+        where = (
+            f"interrupted in epoch {self.epoch + 1}"
+            if self.epoch < self.cfg.epochs
+            else "interrupted after the last epoch"
+        )
         signum = signal_number(interrupt)
         if self.saved is None:
             return Interrupted(f"{where}, before the first checkpoint", "start again", signum)
@@ -532,22 +538,27 @@ class Trainer:
             signum,
         )
 
+    def _run_epoch(self) -> None:
+        epoch_started = time.time()
+        means, objects = self._train_epoch()
+        self.train_seconds += time.time() - epoch_started
+        self.epoch += 1
+        self.metrics.write(
+            {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, **means}
+        )
+        self._log_epoch(means, objects, time.time() - epoch_started)
+        self._maybe_evaluate()
+        self._save("last.pt")
+
     def fit(self) -> dict | None:
-        """Train to cfg.epochs; returns the last evaluation's metrics. Ctrl-C or SIGTERM raise
-        Interrupted (last.pt, written whole at each epoch's end, is kept)."""
+        """Train to cfg.epochs; returns the last evaluation's metrics. Ctrl-C or SIGTERM stop
+        the run after the current step and raise Interrupted (last.pt, written whole at each
+        epoch's end, is kept)."""
         started = time.time()
         try:
-            while self.epoch < self.cfg.epochs:
-                epoch_started = time.time()
-                means, objects = self._train_epoch()
-                self.train_seconds += time.time() - epoch_started
-                self.epoch += 1
-                self.metrics.write(
-                    {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, **means}
-                )
-                self._log_epoch(means, objects, time.time() - epoch_started)
-                self._maybe_evaluate()
-                self._save("last.pt")
+            with interrupts.deferred():
+                while self.epoch < self.cfg.epochs:
+                    self._run_epoch()
         except KeyboardInterrupt as interrupt:
             raise self._interrupted(interrupt) from interrupt
         finally:
