@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _pending: list[int] = []  # signals received inside deferred() and not yet raised
-_active = False
 
 
 def _interrupt(signum: int) -> KeyboardInterrupt:
@@ -49,17 +48,15 @@ def raise_if_requested() -> None:
 def deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM until the next `raise_if_requested()`; the previous handlers
     come back on exit. Outside the main thread (signals only reach it) it does nothing."""
-    global _active
-    if _active or threading.current_thread() is not threading.main_thread():
+    nested = signal.getsignal(signal.SIGINT) is _record
+    if nested or threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {signum: signal.signal(signum, _record) for signum in SIGNALS}
-    _active = True
     try:
         yield
         raise_if_requested()  # a signal after the last check still ends the run as interrupted
     finally:
-        _active = False
         _pending.clear()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
