@@ -20,7 +20,9 @@ batch:
   train.channels_last=true (NHWC convolutions and batch norms, faster on CPU too), a fused
   optimizer step (train.optimizer.fused, on by default: one kernel over all parameters instead
   of a Python loop over tensors, several times faster for AdamW on CPU), train.amp (bf16/fp16
-  autocast: a GPU's or a bf16-capable CPU's gain);
+  autocast: a GPU's or a bf16-capable CPU's gain), train.compile (torch.compile of the training
+  forward: fused elementwise kernels; the compilation happens in the warm-up steps, and
+  `--speed-only` skips the variants that would compile again);
 * data-pipeline images/s of ONE worker: TrainingDataset.__getitem__ (read/render, augment,
   targets) + collate of one batch in this process, and its ratio to training throughput, per
   worker and for data.num_workers workers (>1: the loader keeps up; on CPU the workers also
@@ -283,7 +285,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {name: build_trainer(cfg, flag, Path(tmp)) for name, flag in VARIANTS.items()}
+        variants = {"centerx": False} if args.speed_only else VARIANTS
+        trainers = {name: build_trainer(cfg, flag, Path(tmp)) for name, flag in variants.items()}
         reference = trainers["centerx"]
         batch = reference._to_device(fixed_batch(cfg))
         plain = PlainLoop(cfg, len(reference.meta["class_names"]))
@@ -304,7 +307,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             for k in range(args.warmup if name != PIPELINE else 1):
                 runner(-1 - k)
         seconds, skipped = timed_rounds(runners, args.steps, args.repeats)
-        memory = measure_memory(args.overrides, trainers, batch, steps=3)
+        memory = {} if args.speed_only else measure_memory(args.overrides, trainers, batch, 3)
 
     rates = {
         name: [args.steps * batch_size / s for s in values] for name, values in seconds.items()
@@ -328,6 +331,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "ema": bool(cfg.train.ema),
             "amp": cfg.train.get("amp"),
             "channels_last": bool(cfg.train.get("channels_last", False)),
+            "compile": bool(cfg.train.get("compile", False)),
             "steps": args.steps,
             "warmup": args.warmup,
             "repeats": args.repeats,
@@ -342,13 +346,17 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 "skipped_steps": skipped[name],
                 **({"memory": memory[name]} if name in memory else {}),
             }
-            for name in (*VARIANTS, PLAIN)
+            for name in (*trainers, PLAIN)
         },
         "speed_ratio": {
             "centerx_vs_pytorch": paired("centerx", PLAIN),
-            "grad_checkpoint_vs_centerx": paired("grad_checkpoint", "centerx"),
+            **(
+                {"grad_checkpoint_vs_centerx": paired("grad_checkpoint", "centerx")}
+                if "grad_checkpoint" in trainers
+                else {}
+            ),
         },
-        "memory_ratio": memory_ratios(memory),
+        "memory_ratio": memory_ratios(memory) if memory else {},
         "pipeline": {
             "images_per_s_per_worker_median": median(rates[PIPELINE]),
             "images_per_s_repeats": rates[PIPELINE],
@@ -384,7 +392,8 @@ def report(result: dict) -> str:
     lines = [
         f"centerx training benchmark: backbone={c['backbone']} image_size={c['image_size']} "
         f"batch_size={c['batch_size']} device={c['device']} threads={c['torch_threads']} "
-        f"ema={c['ema']} amp={c['amp']} channels_last={c['channels_last']} torch={c['torch']}",
+        f"ema={c['ema']} amp={c['amp']} channels_last={c['channels_last']} "
+        f"compile={c['compile']} torch={c['torch']}",
         f"  {c['steps']} steps x {c['repeats']} repeats (interleaved), {c['warmup']} warm-up "
         f"steps; load average before/after: "
         + " / ".join(f"{v[0]:.1f}" for v in result["load_average"].values()),
@@ -401,12 +410,13 @@ def report(result: dict) -> str:
         lines.append(f"  {'':<24}repeats: {spread}{skipped}")
     speed, mem = result["speed_ratio"], result["memory_ratio"]
     memory_change = ", ".join(f"{100 * (r - 1):+.0f}% ({kind})" for kind, r in mem.items())
-    lines += [
-        "",
-        f"  centerx / plain PyTorch loop speed: {speed['centerx_vs_pytorch']:.2f}x",
-        f"  grad_checkpoint vs centerx: step time {100 * (1 / speed['grad_checkpoint_vs_centerx'] - 1):+.0f}%, "
-        f"peak memory {memory_change}",
-    ]
+    lines += ["", f"  centerx / plain PyTorch loop speed: {speed['centerx_vs_pytorch']:.2f}x"]
+    if "grad_checkpoint_vs_centerx" in speed:
+        lines.append(
+            f"  grad_checkpoint vs centerx: step time "
+            f"{100 * (1 / speed['grad_checkpoint_vs_centerx'] - 1):+.0f}%, "
+            f"peak memory {memory_change}"
+        )
     p = result["pipeline"]
     ratio = result["pipeline_to_training_ratio"]
     lines += [
@@ -427,6 +437,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="only centerx against the plain loop: no gradient-checkpointing variant, no "
+        "memory probes (each would compile again under train.compile=true)",
+    )
     parser.add_argument("--memory-probe", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(argv)
 

@@ -20,7 +20,12 @@ from centerx.engine.build import build_sources, build_train_loader
 from centerx.engine.training import train_model
 from centerx.errors import ConfigError
 from centerx.losses.centernet_loss import CenterNetLoss
-from centerx.losses.distill import heatmap_kd_focal, masked_dense_l1, teacher_peak_weight
+from centerx.losses.distill import (
+    heatmap_kd_focal,
+    masked_dense_l1,
+    spread_to_window,
+    teacher_peak_weight,
+)
 from centerx.losses.focal import focal_loss
 from centerx.model.centernet import build_model
 from centerx.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -174,6 +179,32 @@ def test_masked_dense_l1_mask_weighting_and_normalisation() -> None:
     assert float(masked_dense_l1(teacher, teacher, weight)) == 0.0
 
 
+def test_spread_to_window_teaches_each_peaks_box_around_it() -> None:
+    weight = torch.zeros(1, 1, 7, 7)
+    weight[0, 0, 2, 3] = 0.6  # a strong peak
+    weight[0, 0, 3, 5] = 0.2  # a weaker one whose window overlaps it: the strong one wins there
+    weight[0, 0, 6, 0] = 0.3  # at the map's corner: its window is cut off
+    torch.manual_seed(0)
+    wh, offset = torch.rand(1, 2, 7, 7) * 9, torch.rand(1, 2, 7, 7)
+    spread, wh_t, offset_t = spread_to_window(weight, wh, offset, 3)
+    ys, xs = torch.meshgrid(torch.arange(7), torch.arange(7), indexing="ij")
+    centre_x, centre_y = xs + offset_t[0, 0], ys + offset_t[0, 1]  # what decode would read
+    for (py, px), cells in {
+        (2, 3): [(y, x) for y in (1, 2, 3) for x in (2, 3, 4)],
+        (3, 5): [(2, 5), (2, 6), (3, 5), (3, 6), (4, 4), (4, 5), (4, 6)],  # (2|3, 4): (2, 3)'s
+        (6, 0): [(5, 0), (5, 1), (6, 0), (6, 1)],
+    }.items():
+        for y, x in cells:
+            assert float(spread[0, 0, y, x]) == float(weight[0, 0, py, px]), (y, x)
+            assert torch.equal(wh_t[0, :, y, x], wh[0, :, py, px]), (y, x)
+            assert float(centre_x[y, x]) == pytest.approx(px + float(offset[0, 0, py, px]))
+            assert float(centre_y[y, x]) == pytest.approx(py + float(offset[0, 1, py, px]))
+    assert int((spread > 0).sum()) == 9 + 7 + 4  # nothing outside the windows
+    assert spread_to_window(weight, wh, offset, 1) == (weight, wh, offset)
+    with pytest.raises(ValueError, match="odd"):
+        spread_to_window(weight, wh, offset, 2)
+
+
 def test_masked_dense_l1_relative_divides_by_teacher_size() -> None:
     teacher = torch.zeros(1, 2, 2, 2)
     teacher[0, :, 0, 0] = 8.0
@@ -252,8 +283,10 @@ def test_kd_is_zero_when_student_equals_teacher(tmp_path: Path, case: str) -> No
                 TeacherSpec("t1", path, {"square": "sq"}),
                 TeacherSpec("t2", path, {"triangle": "tri", "circle": "circ"}),
             ]
+    # box_window=1: at the teacher's peaks only (a wider window also teaches the peak's box at
+    # the cells around it, which the teacher itself does not predict there)
     objective = DistillObjective(
-        load_teachers(specs, CLASSES, SIZE, "cpu"), CLASSES, heatmap_kd_focal
+        load_teachers(specs, CLASSES, SIZE, "cpu"), CLASSES, heatmap_kd_focal, box_window=1
     )
     terms = objective(student, {"image": images()})
     assert set(terms) == {"kd_heatmap", "kd_wh", "kd_offset"}
@@ -438,7 +471,10 @@ def test_self_distillation_teaches_and_teachers_stay_frozen(
 
     # A fixed batch and the fresh student distill_model will build (same seed, same init).
     batch = next(iter(build_train_loader(cfg.data, train_source, cfg.train.batch_size, cfg.seed)))
-    probe = DistillObjective(load_teachers(specs, CLASSES, SIZE, "cpu"), CLASSES, heatmap_kd_focal)
+    teachers = load_teachers(specs, CLASSES, SIZE, "cpu")
+    # The probe scores the box KD at the teacher's peaks (box_window=1): where decoding reads
+    # boxes; the run itself trains with the config's window.
+    probe = DistillObjective(teachers, CLASSES, heatmap_kd_focal, box_window=1)
     torch.manual_seed(cfg.seed)
     fresh = build_model(cfg.model, 3)
     initial = state_copy(fresh)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -237,7 +238,9 @@ def test_heatmap_kd_focal_hand_computed_and_normalised_by_teacher_peak_mass() ->
         p = _sigmoid(logit)
         expected += (q - p) ** 2 * -(q * math.log(p) + (1 - q) * math.log(1 - p))
     value = heatmap_kd_focal(
-        torch.tensor(logits).view(1, 1, 1, 5), torch.tensor(teacher).view(1, 1, 1, 5)
+        torch.tensor(logits).view(1, 1, 1, 5),
+        torch.tensor(teacher).view(1, 1, 1, 5),
+        relative_pull=False,
     )
     assert float(value) == pytest.approx(expected / 2.0, rel=1e-5)
 
@@ -263,7 +266,33 @@ def test_heatmap_kd_focal_is_finite_and_points_the_right_way_for_extreme_logits(
     assert float(loss.detach()) > 30 * 0.7**3  # the missed peak alone: |0.7 - 0|^2 * 30 * 0.7
 
 
-@pytest.mark.parametrize("loss", [heatmap_kd_focal, heatmap_kd_mse])
+def test_relative_pull_pulls_a_missed_faint_detection_as_hard_as_a_sure_one() -> None:
+    """(|q - p| / m)^2 where the student is below a detection of height m: the pull at a
+    missed faint face (q 0.33) is ~(1 / 0.33)^2 = 9x the plain focal KD's; the background,
+    cells above the teacher, and the fixed point p = q are unchanged."""
+    teacher = torch.zeros(1, 1, 9, 30)
+    teacher[0, 0, 4, 4], teacher[0, 0, 4, 15] = 0.33, 0.9  # a faint and a sure detection
+    logits = torch.full_like(teacher, -4.6)  # a flat student, p ~ 0.01
+    logits[0, 0, 0, 25] = 2.0  # a false positive far from both
+    grads = {}
+    for relative in (False, True):
+        z = logits.clone().requires_grad_(True)
+        heatmap_kd_focal(z, teacher, relative_pull=relative).backward()
+        grads[relative] = z.grad[0, 0]
+    faint, sure, false_positive = (4, 4), (4, 15), (0, 25)
+    assert grads[True][faint] / grads[False][faint] == pytest.approx((1 / 0.33) ** 2, rel=0.05)
+    assert grads[True][sure] / grads[False][sure] == pytest.approx((1 / 0.9) ** 2, rel=0.05)
+    assert grads[True][false_positive] == grads[False][false_positive]  # background as before
+    probs = torch.rand(1, 2, 8, 8) ** 4
+    at_teacher = heatmap_kd_focal(
+        torch.logit(probs.clamp(1e-4, 1 - 1e-4)), probs, relative_pull=True
+    )
+    assert float(at_teacher) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "loss", [heatmap_kd_focal, partial(heatmap_kd_focal, relative_pull=True), heatmap_kd_mse]
+)
 def test_heatmap_kd_gradient_matches_finite_differences(loss) -> None:
     logits, teacher = _kd_case(1, (1, 2, 3, 3))
     logits = logits.double().requires_grad_(True)

@@ -185,3 +185,34 @@ def test_a_stage_is_reused_only_when_it_trained_to_the_end(tmp_path: Path) -> No
     assert stage_done(stage, stage_dir)
     (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml({"train": {"epochs": 8}}))
     assert not stage_done(stage, stage_dir)
+
+
+def test_students_take_the_jobs_student_objective() -> None:
+    """main_job.student_objective picks the students' objective config (apple_mask: the
+    relative-pull KD for faint teachers); teachers and baselines keep the supervised one."""
+    from centerx.recipes.main_job import plan_stages
+
+    roots = ["data.roots.fruits=F", "data.roots.mask=M"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        main = compose(config_name="main", overrides=["experiment=apple_mask", *roots])
+        teachers = {
+            "teacher_fruits": {"classes": ["apple"], "parts": ["fruits"]},
+            "teacher_mask": {"classes": ["mask"], "parts": ["mask"]},
+        }
+        stages = {s.name: s for s in plan_stages(main, teachers, Path("/tmp/job"))}
+        task_config = {"train": "train", "distill": "distill"}
+        composed = {
+            name: compose(
+                config_name=task_config[stage.task],
+                overrides=["experiment=apple_mask", *roots, *stage.overrides],
+            )
+            for name, stage in stages.items()
+            if name in ("teacher_mask", "student", "student_gt", "naive_merge")
+        }
+    assert main.main_job.student_objective == "distill_relative"
+    for name in ("student", "student_gt"):
+        assert composed[name].objective.heatmap_loss.relative_pull is True, name
+        assert composed[name].objective.box_window == 3
+        assert set(composed[name].objective.teachers) == set(teachers)
+    for name in ("teacher_mask", "naive_merge"):
+        assert "heatmap_loss" not in composed[name].objective, name

@@ -48,6 +48,20 @@ def first_batch(trainer: Trainer) -> dict:
     return trainer._to_device(next(iter(trainer.loader)))
 
 
+def assert_same_gradients(reference: tuple[Trainer, dict], other: tuple[Trainer, dict]) -> None:
+    """One training loss's gradients, to float tolerance. (After Adam steps the weights would
+    not be comparable: Adam turns rounding differences in near-zero gradients into full-size
+    updates.)"""
+    for trainer, batch in (reference, other):
+        trainer.model.train()
+        loss, _ = trainer.weighter(trainer.objective(trainer.wrapped, batch))
+        loss.backward()
+    expected, got = reference[0].model, other[0].model
+    scale = max(float(p.grad.abs().max()) for p in expected.parameters())
+    for (name, a), b in zip(expected.named_parameters(), got.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5 * scale, rtol=1e-3, msg=name)
+
+
 def test_bf16_autocast_trains_with_a_float32_loss(tmp_path: Path) -> None:
     trainer = build(tmp_path, "train.amp=bf16")
     assert isinstance(trainer.wrapped, AutocastForward)
@@ -93,17 +107,7 @@ def test_channels_last_matches_contiguous(tmp_path: Path) -> None:
     for name in expected:
         torch.testing.assert_close(outputs[name], expected[name], atol=1e-4, rtol=1e-4)
 
-    # Gradients of the training loss (after Adam steps, weights would not be comparable:
-    # Adam turns rounding differences in near-zero gradients into full-size updates).
-    for trainer, step_batch in ((contiguous, plain_batch), (nhwc, nhwc_batch)):
-        trainer.model.train()
-        loss, _ = trainer.weighter(trainer.objective(trainer.wrapped, step_batch))
-        loss.backward()
-    scale = max(float(p.grad.abs().max()) for p in contiguous.model.parameters())
-    for (name, a), b in zip(
-        contiguous.model.named_parameters(), nhwc.model.parameters(), strict=True
-    ):
-        torch.testing.assert_close(b.grad, a.grad, atol=1e-5 * scale, rtol=1e-3, msg=name)
+    assert_same_gradients((contiguous, plain_batch), (nhwc, nhwc_batch))
     assert nhwc._step(nhwc_batch) is not None
 
     # A channels_last checkpoint loads into a default (contiguous) model unchanged.
@@ -114,6 +118,24 @@ def test_channels_last_matches_contiguous(tmp_path: Path) -> None:
         contiguous.model.state_dict().values(), nhwc.model.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_compiled_training_forward_matches_eager(tmp_path: Path) -> None:
+    """train.compile: the compiled training forward gives the eager gradients, trains, and
+    leaves evaluation and checkpoints on the plain module (no "_orig_mod." keys)."""
+    eager = build(tmp_path / "eager")
+    compiled = build(tmp_path / "compiled", "train.compile=true")
+    assert compiled.wrapped is not compiled.model
+    batch = eager._to_device(next(iter(eager.loader)))
+    assert_same_gradients((eager, batch), (compiled, batch))
+    before = [p.detach().clone() for p in compiled.model.parameters()]
+    assert compiled._step(batch) is not None
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, compiled.model.parameters(), strict=True)
+    )
+    compiled._save("last.pt")
+    state = torch.load(tmp_path / "compiled" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["model"].keys() == eager.model.state_dict().keys()
 
 
 @pytest.mark.parametrize(

@@ -87,6 +87,20 @@ def test_benchmark_train_reports_both_variants(tmp_path: Path, run_ok) -> None:
     assert result["config"]["image_size"] == 64 and result["config"]["batch_size"] == 2
 
 
+def test_benchmark_train_speed_only_skips_checkpointing_and_memory(tmp_path: Path, run_ok) -> None:
+    result = run_for_json(
+        run_ok,
+        "benchmark_train.py",
+        tmp_path,
+        *("--speed-only", "--steps", "1", "--warmup", "0", "--repeats", "1"),
+        *("data.image_size=64", "train.batch_size=2", "train.num_threads=1"),
+    )
+    assert set(result["training"]) == {"centerx", "pytorch"}
+    assert "memory" not in result["training"]["centerx"] and result["memory_ratio"] == {}
+    assert set(result["speed_ratio"]) == {"centerx_vs_pytorch"}
+    assert result["config"]["compile"] is False
+
+
 def test_benchmark_export_measures_every_variant(tmp_path: Path, run_ok) -> None:
     result = run_for_json(
         run_ok,
@@ -136,3 +150,50 @@ def test_kd_peak_weight_reports_faint_weight_and_object_probabilities(
     )
     assert "peak weight below 0.1:" in done.stdout, done.stdout
     assert "probability at 3 ground-truth centres" in done.stdout, done.stdout
+
+
+def test_kd_gap_scores_the_four_combinations_by_class_name(
+    tmp_path: Path, run_ok, tiny_model_cfg
+) -> None:
+    """A student that is the teacher scores the same four times; a student whose heatmap
+    channels are another model's changes the heatmap rows only (channels picked by name)."""
+    data = {
+        "val": {
+            "_target_": "centerx.data.synthetic.SyntheticShapes",
+            "num_images": 6,
+            "seed": 1,
+            "class_names": ["square"],
+            "image_size": 64,
+        }
+    }
+    torch.manual_seed(0)
+    teacher = build_model(tiny_model_cfg, 1)
+    with torch.no_grad():  # a confident flat heatmap: detections everywhere, some hit boxes
+        teacher.heads.wh[-1].bias.fill_(4.0)
+
+    def save(path: Path, model: torch.nn.Module, classes: list[str]) -> str:
+        state = {"model": model.state_dict(), "ema": None, "class_names": classes}
+        state |= {"model_config": OmegaConf.to_container(tiny_model_cfg), "image_size": 64}
+        save_checkpoint(path, {**state, "config": {"data": data}})
+        return str(path)
+
+    student = build_model(tiny_model_cfg, 2)  # classes [circle, square]: square is channel 1
+    own = student.state_dict()
+    for key, value in teacher.state_dict().items():
+        own[key] = value if not key.startswith("heads.heatmap.2") else own[key]
+    for key in ("heads.heatmap.2.weight", "heads.heatmap.2.bias"):
+        own[key][1] = teacher.state_dict()[key][0]
+    student.load_state_dict(own)
+    done = run_ok(
+        script(
+            "kd_gap.py",
+            *("--teacher", save(tmp_path / "t.pt", teacher, ["square"])),
+            *("--student", save(tmp_path / "s.pt", student, ["circle", "square"])),
+        ),
+        timeout=300,
+    )
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    scores = {row[name]["AP"] for name in ("student", "student heatmap + teacher boxes")}
+    scores |= {row[name]["AP"] for name in ("teacher heatmap + student boxes", "teacher")}
+    assert len(scores) == 1 and row["classes"] == ["square"], row
+    assert scores.pop() > 0, row  # else equal by being empty

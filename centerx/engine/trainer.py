@@ -49,6 +49,7 @@ class TrainingDiverged(CenterxError, RuntimeError):
 # Followed without a word: where and how verbosely the run goes on.
 RESUME_FOLLOWED = (
     "train.resume", "train.device", "train.progress", "train.num_threads", "train.log_every",
+    "train.compile",
     "data.num_workers", "eval", "samples", "overwrite", "model.init_from", "model.pretrained",
     "main_job",
 )  # fmt: skip
@@ -228,6 +229,11 @@ class Trainer:
             )
         if amp is not None:
             self.wrapped = AutocastForward(self.wrapped, self.device.type, amp)
+        if cfg.get("compile"):
+            # Only the training forward: it shares the parameters, while evaluation, the EMA
+            # and the checkpoints use `self.model` (no recompilation for eval mode, no
+            # "_orig_mod." keys in checkpoints).
+            self.wrapped = torch.compile(self.wrapped)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=dist.is_main())
         self.epoch = 0  # epochs completed
         self.global_step = 0

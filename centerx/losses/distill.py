@@ -33,10 +33,24 @@ objective's `heatmap_loss` picks one by `_target_`.
     * Measured on a toy that reproduces the stall (scripts/kd_stall.py: an 80x80 map, one
       0.7 peak of class A, a second class sharing the hidden features, AdamW, 6 seeds): from
       the 0.1 prior the class-A channel reaches 0.5 at the peak within 22-76 steps under this
-      loss; under MSE it first sinks to ~0.001-0.06 and 5 of 6 seeds never get there in 300
-      steps (the sixth after 159; KL: 2 of 6 never, the others after 157-261). Without the
-      second class MSE gets there in 120-280 steps (this loss: 21-68): the competition for
-      shared features is what turns slow into stalled.
+      loss (21-70 with the relative pull below); under MSE it first sinks to ~0.001-0.06
+      and 5 of 6 seeds never get there in 300 steps (the sixth after 159; KL: 2 of 6
+      never, the others after 157-261). Without the second class MSE gets there in 120-280
+      steps (this loss: 21-68): the competition for shared features is what turns slow into
+      stalled.
+    * The relative pull (`relative_pull=True`; objective=distill_relative): the focal factor
+      |q - p|^beta makes a missed detection of height m pull with about m^(beta + 1), so a
+      teacher that is faint at its objects (median 0.33 at the mask set's faces) teaches
+      them ~20x more weakly than a sure one, and on real photos such a channel still stalled
+      on one seed of three. Where the student is below the teacher near a detection, the
+      factor is measured relative to the detection's height, (|q - p| / m)^beta, so every
+      missed detection pulls like a labelled centre in CenterNet's focal loss. The fixed
+      point p = q stays. Measured on the mask set, three seeds: no stall, and with the
+      teacher's boxes the student's heatmap keeps 92% of the teacher's AP50 against 64%
+      (docs/results/apple_mask_ema/mask_only_kd/README.md). Not the default: it pulls a
+      teacher's faint false detections just as hard, and on the synthetic main job, whose
+      one-class teachers fire faintly on the other part's shapes, it cost the student 0.04
+      AP on circles (docs/results/apple_mask_ema/kd_options/README.md).
     * Normalising by the teacher's peak mass, like CenterNet's focal loss divides by the
       number of objects, makes the value independent of the map size and of how much of it
       is background. Only peaks of at least the heads' prior (0.1) count: a trained teacher's
@@ -69,6 +83,11 @@ wh and offset: L1 at every pixel, weighted by the teacher's peak-masked heatmap.
     * `relative=True` divides the error by the teacher's size (at least one cell), as
       the supervised `wh_relative`: a 2-cell error on a 4-cell box counts as much as a
       10-cell error on a 20-cell box, so large boxes do not dominate.
+    * `spread_to_window` (objective.box_window) also teaches each detection's box at the
+      cells around its peak: the student's own peak often lands a cell away from the
+      teacher's, and decoding reads its box there, where a peak-only KD never trained it.
+      Each cell in a peak's kxk window gets that peak's size, and the offset that points at
+      the same centre (offset + peak cell - own cell), weighted by the peak's height.
 """
 
 from __future__ import annotations
@@ -114,7 +133,10 @@ def teacher_peak_mass(
 
 
 def heatmap_kd_focal(
-    student_logits: torch.Tensor, teacher_probs: torch.Tensor, beta: float = 2.0
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    beta: float = 2.0,
+    relative_pull: bool = False,
 ) -> torch.Tensor:
     """Quality focal loss towards the teacher's probabilities, per teacher peak:
 
@@ -123,13 +145,24 @@ def heatmap_kd_focal(
     student_logits: [B,K,H,W] logits; teacher_probs: [B,K,H,W] probabilities q (no gradient);
     p = sigmoid(logits). Exactly 0 when p == q, positive otherwise; finite for any logit.
     Computed in fp32 at least. `beta` >= 1 keeps the gradient continuous at p == q.
+
+    `relative_pull`: where the student is below the teacher near a detection of height m
+    (the 7x7 local maximum of q, at least the heads' prior), the focal factor is
+    (|q - p| / m)^beta: a missed faint detection (q = 0.33) pulls as hard as a missed sure
+    one, as every labelled centre does in CenterNet's focal loss, instead of q^beta times
+    less. Same fixed point (p = q); the background and cells above the teacher are unchanged.
     """
     _check_same_shape(student_logits, teacher_probs, "heatmap_kd_focal")
     logits = _at_least_fp32(student_logits)
     target = teacher_probs.detach().to(logits.dtype)
+    prob = torch.sigmoid(logits)
     cross_entropy = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    focal = (target - torch.sigmoid(logits)).abs().pow(beta)
-    return (focal * cross_entropy).sum() / teacher_peak_mass(target)
+    gap = (target - prob).abs()
+    if relative_pull:
+        height = F.max_pool2d(target, 7, stride=1, padding=3)
+        below = (prob.detach() < target) & (height >= HEATMAP_PRIOR)
+        gap = gap / torch.where(below, height, torch.ones_like(height))
+    return (gap.pow(beta) * cross_entropy).sum() / teacher_peak_mass(target)
 
 
 def heatmap_kd_mse(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
@@ -153,6 +186,33 @@ def teacher_peak_weight(
             f"teacher_peak_weight expects [B,K,H,W] with K >= 1, got {tuple(teacher_probs.shape)}"
         )
     return teacher_detections(teacher_probs.float(), min_peak, kernel).amax(dim=1, keepdim=True)
+
+
+def spread_to_window(
+    weight: torch.Tensor, wh: torch.Tensor, offset: torch.Tensor, window: int = 3
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Peak weights [B,1,H,W] and the teacher's wh/offset [B,2,H,W] -> the same three with
+    every cell within a `window` x `window` square of a peak taught that peak's box: weight
+    and size of the strongest peak in its window, offset to that peak's centre (grid units).
+    `window` 1 returns the inputs unchanged."""
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"box window must be a positive odd number of cells, got {window}")
+    if window == 1:
+        return weight, wh, offset
+    batch, _, height, width = weight.shape
+    spread, source = F.max_pool2d(
+        weight, window, stride=1, padding=window // 2, return_indices=True
+    )
+    source = source.flatten(1)  # [B, H*W]: flat index of the peak each cell takes its box from
+    take = lambda field: field.flatten(2).gather(2, source[:, None].expand(-1, 2, -1))  # noqa: E731
+    cells = torch.arange(height * width, device=weight.device)
+    # Where the peak lies relative to each cell, (x, y) in cells; 0 at the peak itself.
+    delta = torch.stack([source % width - cells % width, source // width - cells // width], 1)
+    return (
+        spread,
+        take(wh).view_as(wh),
+        (take(offset) + delta.to(offset.dtype)).view(batch, 2, height, width),
+    )
 
 
 def masked_dense_l1(

@@ -41,7 +41,7 @@ from torch import nn
 
 from centerx.errors import UsageError
 from centerx.losses.centernet_loss import CenterNetLoss
-from centerx.losses.distill import masked_dense_l1, teacher_peak_weight
+from centerx.losses.distill import masked_dense_l1, spread_to_window, teacher_peak_weight
 from centerx.model.centernet import OUTPUT_STRIDE
 from centerx.model.checkpoint import CheckpointError, model_from_checkpoint
 from centerx.objectives import ObjectiveContext, require_labels
@@ -293,6 +293,7 @@ class DistillObjective:
         gt_criterion: CenterNetLoss | None = None,
         wh_relative: bool = False,
         teacher_balance: str = "sum",
+        box_window: int = 3,
     ) -> None:
         if not teachers:
             raise DistillConfigError("distillation needs at least one teacher")
@@ -305,6 +306,11 @@ class DistillObjective:
         self.heatmap_loss = heatmap_loss
         self.wh_relative = wh_relative
         self.teacher_balance = teacher_balance
+        if not (isinstance(box_window, int) and box_window >= 1 and box_window % 2):
+            raise DistillConfigError(
+                f"objective.box_window={box_window!r} must be a positive odd number of cells"
+            )
+        self.box_window = box_window
         owned = {c for t in self.teachers for c in t.student_channels.tolist()}
         #: student classes no teacher owns: they can only learn from ground truth
         self.uncovered = [n for i, n in enumerate(self.class_names) if i not in owned]
@@ -333,11 +339,13 @@ class DistillObjective:
             present = ~batch["absent"].index_select(1, teacher.student_channels).bool()
             target = target * present[:, :, None, None]
         student = heatmap.index_select(1, teacher.student_channels)
-        weight = teacher_peak_weight(target)
+        weight, wh, offset = spread_to_window(
+            teacher_peak_weight(target), taught["wh"], taught["offset"], self.box_window
+        )
         return (
             self.heatmap_loss(student, target),
-            masked_dense_l1(outputs["wh"], taught["wh"], weight, relative=self.wh_relative),
-            masked_dense_l1(outputs["offset"], taught["offset"], weight),
+            masked_dense_l1(outputs["wh"], wh, weight, relative=self.wh_relative),
+            masked_dense_l1(outputs["offset"], offset, weight),
         )
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -362,6 +370,7 @@ def build_distill_objective(
     use_ground_truth: bool = False,
     wh_relative: bool = False,
     teacher_balance: str = "sum",
+    box_window: int = 3,
     *,
     context: ObjectiveContext,
 ) -> DistillObjective:
@@ -375,6 +384,7 @@ def build_distill_objective(
         gt_criterion=criterion if use_ground_truth else None,
         wh_relative=wh_relative,
         teacher_balance=teacher_balance,
+        box_window=box_window,
     )
     if objective.uncovered:
         require_labels(
