@@ -61,7 +61,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     teacher, state = model_from_checkpoint(args.teacher)
     classes = [str(name) for name in state["class_names"]]
-    source = build_eval_source(OmegaConf.create(state["config"]["data"]), args.split, classes)
+    data = (state.get("config") or {}).get("data")
+    if not data:
+        raise UsageError(f"{args.teacher} carries no data config to score it on")
+    source = build_eval_source(OmegaConf.create(data), args.split, classes)
     size = int(state["image_size"])
     own = list(range(len(classes)))
     for path in args.student:
