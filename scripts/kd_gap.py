@@ -38,7 +38,9 @@ class Combined(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         boxes = self.boxes_model(images)
-        heatmap = self.heatmap_model(images)["heatmap"].index_select(1, self.channels)
+        same = self.heatmap_model is self.boxes_model  # one forward, not two
+        heatmap = (boxes if same else self.heatmap_model(images))["heatmap"]
+        heatmap = heatmap.index_select(1, self.channels)
         return {"heatmap": heatmap, "wh": boxes["wh"], "offset": boxes["offset"]}
 
 
@@ -67,21 +69,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     source = build_eval_source(OmegaConf.create(data), args.split, classes)
     size = int(state["image_size"])
     own = list(range(len(classes)))
+
+    def scores(model: nn.Module) -> dict[str, float]:
+        metrics = evaluate_predictor(torch_predictor(model.eval()), source, size, progress=False)
+        return {"AP50": round(metrics["AP50"], 4), "AP": round(metrics["AP"], 4)}
+
+    teacher_scores = scores(teacher)  # the same for every student
     for path in args.student:
         student, student_state = model_from_checkpoint(path)
         picked = channels_of(student_state["class_names"], classes)
-        models = {
-            "student": Combined(student, picked, student),
-            "student heatmap + teacher boxes": Combined(student, picked, teacher),
-            "teacher heatmap + student boxes": Combined(teacher, own, student),
-            "teacher": teacher,
+        row = {
+            "student": scores(Combined(student, picked, student)),
+            "student heatmap + teacher boxes": scores(Combined(student, picked, teacher)),
+            "teacher heatmap + student boxes": scores(Combined(teacher, own, student)),
+            "teacher": teacher_scores,
         }
-        row = {}
-        for name, model in models.items():
-            metrics = evaluate_predictor(
-                torch_predictor(model.eval()), source, size, progress=False
-            )
-            row[name] = {"AP50": round(metrics["AP50"], 4), "AP": round(metrics["AP"], 4)}
         print(json.dumps({"checkpoint": path, "classes": classes, **row}), flush=True)
 
 

@@ -188,6 +188,12 @@ def teacher_peak_weight(
     return teacher_detections(teacher_probs.float(), min_peak, kernel).amax(dim=1, keepdim=True)
 
 
+def check_box_window(window: object) -> None:
+    """ValueError unless `window` is a positive odd int (cells, centred on a peak)."""
+    if not (isinstance(window, int) and window >= 1 and window % 2):
+        raise ValueError(f"box window must be a positive odd number of cells, got {window!r}")
+
+
 def spread_to_window(
     weight: torch.Tensor, wh: torch.Tensor, offset: torch.Tensor, window: int = 3
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,8 +201,7 @@ def spread_to_window(
     every cell within a `window` x `window` square of a peak taught that peak's box: weight
     and size of the strongest peak in its window, offset to that peak's centre (grid units).
     `window` 1 returns the inputs unchanged."""
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"box window must be a positive odd number of cells, got {window}")
+    check_box_window(window)
     if window == 1:
         return weight, wh, offset
     batch, _, height, width = weight.shape

@@ -41,7 +41,12 @@ from torch import nn
 
 from centerx.errors import UsageError
 from centerx.losses.centernet_loss import CenterNetLoss
-from centerx.losses.distill import masked_dense_l1, spread_to_window, teacher_peak_weight
+from centerx.losses.distill import (
+    check_box_window,
+    masked_dense_l1,
+    spread_to_window,
+    teacher_peak_weight,
+)
 from centerx.model.centernet import OUTPUT_STRIDE
 from centerx.model.checkpoint import CheckpointError, model_from_checkpoint
 from centerx.objectives import ObjectiveContext, require_labels
@@ -306,10 +311,10 @@ class DistillObjective:
         self.heatmap_loss = heatmap_loss
         self.wh_relative = wh_relative
         self.teacher_balance = teacher_balance
-        if not (isinstance(box_window, int) and box_window >= 1 and box_window % 2):
-            raise DistillConfigError(
-                f"objective.box_window={box_window!r} must be a positive odd number of cells"
-            )
+        try:
+            check_box_window(box_window)
+        except ValueError as err:
+            raise DistillConfigError(f"objective.box_window: {err}") from err
         self.box_window = box_window
         owned = {c for t in self.teachers for c in t.student_channels.tolist()}
         #: student classes no teacher owns: they can only learn from ground truth

@@ -198,9 +198,13 @@ def plan_stages(cfg: DictConfig, teachers: Mapping[str, Mapping], out_dir: Path)
         ("student", False, "KD only from every teacher (reads no label)"),
         ("student_gt", True, "KD from every teacher + each image's own labels"),
     ):
-        overrides = [f"objective={job.student_objective}", f"loss={job.loss.student}"]
-        overrides.append(override("objective.teachers", taught))
-        overrides += [override("objective.use_ground_truth", with_labels), union_epochs]
+        overrides = [
+            f"objective={job.student_objective}",
+            f"loss={job.loss.student}",
+            override("objective.teachers", taught),
+            override("objective.use_ground_truth", with_labels),
+            union_epochs,
+        ]
         stages.append(Stage(name, "distill", title, overrides))
     baseline = [f"loss={job.loss.baseline}", union_epochs]
     stages += [
