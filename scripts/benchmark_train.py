@@ -3,6 +3,7 @@
     bash run.sh bench                                           # the default (tiny) config
     bash run.sh bench model.backbone=resnet18 data.image_size=256 train.batch_size=8 --json out.json
     bash run.sh bench experiment=fruits data.root=../shared/datasets/fruits
+    bash run.sh bench model.backbone=resnet18 --profile             # where a step's time goes
 
 Measures, for the composed `train` config (conf/train.yaml + overrides), on one fixed augmented
 batch:
@@ -430,6 +431,38 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_steps(args: argparse.Namespace, steps: int = 2) -> str:
+    """Where a step's time goes: torch.profiler over `steps` steps of centerx and of the plain
+    loop (after a warm-up), the convolutions' share of the self CPU time and the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = compose_config(args.overrides)
+    if cfg.train.get("num_threads"):
+        torch.set_num_threads(int(cfg.train.num_threads))
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(cfg, False, Path(tmp))
+        batch = trainer._to_device(fixed_batch(cfg))
+        plain = PlainLoop(cfg, len(trainer.meta["class_names"]))
+        plain_batch = {**batch, "image": batch["image"].contiguous()}
+        runners = {"centerx": lambda: trainer._step(batch), PLAIN: lambda: plain.step(plain_batch)}
+        for name, run in runners.items():
+            for _ in range(args.warmup):
+                run()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    run()
+            ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+            total = sum(e.self_cpu_time_total for e in ops)
+            conv = sum(e.self_cpu_time_total for e in ops if "conv" in e.key)
+            lines.append(
+                f"  {name}: {total / steps / 1e3:.0f} ms of self CPU time per step, "
+                f"{conv / total:.0%} in convolution ops; top ops:"
+            )
+            lines += [f"    {e.self_cpu_time_total / total:6.1%}  {e.key}" for e in ops[:8]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml")
@@ -443,6 +476,11 @@ def main(argv: list[str] | None = None) -> None:
         help="only centerx against the plain loop: no gradient-checkpointing variant, no "
         "memory probes (each would compile again under train.compile=true)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: where the time of a centerx and of a plain-loop step goes (torch.profiler)",
+    )
     parser.add_argument("--memory-probe", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(argv)
 
@@ -451,6 +489,10 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.train.get("num_threads"):
             torch.set_num_threads(int(cfg.train.num_threads))
         print(json.dumps(memory_probe(cfg, args.memory_probe, args.steps)))
+        return
+
+    if args.profile:
+        print(profile_steps(args))
         return
 
     cores, load = os.cpu_count() or 1, os.getloadavg()[0]

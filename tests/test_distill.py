@@ -30,6 +30,7 @@ from centerx.losses.focal import focal_loss
 from centerx.model.centernet import build_model
 from centerx.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from centerx.objectives.distill import (
+    DistillConfigError,
     DistillObjective,
     Teacher,
     TeacherSpec,
@@ -585,3 +586,47 @@ def test_cli_distill_end_to_end(trained_teacher: str, tmp_path: Path) -> None:
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert best["class_names"] == ["circle"]
     assert best["config"]["objective"]["teachers"]["teacher_a"]["checkpoint"] == trained_teacher
+
+
+class _FixedOutputs(torch.nn.Module):
+    """A 'model' that returns the same outputs for any images."""
+
+    def __init__(self, outputs: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v.expand(len(images), -1, -1, -1) for k, v in self.outputs.items()}
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_box_weight_confidence_or_one_per_detection(window: int) -> None:
+    # A teacher with a sure detection (0.9, box 10x10) and a faint one (0.2, box 4x4), far
+    # apart; a student that predicts size 0 everywhere.
+    logits = torch.full((1, 1, 16, 16), -9.0)
+    logits[0, 0, 3, 3] = torch.logit(torch.tensor(0.9))
+    logits[0, 0, 11, 11] = torch.logit(torch.tensor(0.2))
+    wh = torch.zeros(1, 2, 16, 16)
+    wh[:, :, 2:5, 2:5] = 10.0
+    wh[:, :, 10:13, 10:13] = 4.0
+    zeros = torch.zeros(1, 2, 16, 16)
+    teacher = Teacher(
+        "t",
+        _FixedOutputs({"heatmap": logits, "wh": wh, "offset": zeros}),
+        torch.tensor([0]),
+        torch.tensor([0]),
+    )
+    student = _FixedOutputs({"heatmap": torch.zeros(1, 1, 16, 16), "wh": zeros, "offset": zeros})
+    images = {"image": torch.zeros(2, 3, 64, 64)}
+
+    def kd_wh(box_weight: str) -> float:
+        objective = DistillObjective(
+            [teacher], ["circle"], heatmap_kd_focal, box_window=window, box_weight=box_weight
+        )
+        return float(objective(student, images)["kd_wh"])
+
+    # the mean box error weighted by the teacher's confidence, or one vote per detection
+    assert kd_wh("confidence") == pytest.approx((10 * 0.9 + 4 * 0.2) / 1.1, rel=1e-4)
+    assert kd_wh("detection") == pytest.approx((10 + 4) / 2, rel=1e-4)
+    with pytest.raises(DistillConfigError, match="box_weight='height'"):
+        DistillObjective([teacher], ["circle"], heatmap_kd_focal, box_weight="height")

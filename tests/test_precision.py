@@ -1,7 +1,7 @@
 """train.amp and train.channels_last through the real training path (tiny synthetic data, CPU):
 bf16 autocast trains with finite float32 losses, channels_last gives the contiguous run's
 outputs, gradients and checkpoints to float tolerance, and fp16 off CUDA or an unknown precision
-is a configuration error."""
+is a configuration error, and bf16 on a CPU that would emulate it warns."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from centerx.engine import training
+from centerx.engine import precision, training
 from centerx.engine.build import build_sources
 from centerx.engine.precision import AutocastForward
 from centerx.engine.trainer import Trainer, check_train_config
@@ -144,3 +144,15 @@ def test_compiled_training_forward_matches_eager(tmp_path: Path) -> None:
 def test_unusable_precision_is_a_config_error(amp: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         check_train_config(train_config(f"train.amp={amp}").train)
+
+
+def test_emulated_bf16_warns_once_and_native_bf16_does_not(monkeypatch, caplog) -> None:
+    cpu = torch.device("cpu")
+    for native, expected in ((True, 0), (None, 0), (False, 1)):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
+        precision._warn_emulated_bf16.cache_clear()
+        caplog.clear()
+        for _ in range(2):  # the trainer checks the config twice
+            assert precision.autocast_dtype("bf16", cpu) is torch.bfloat16
+        warnings = [r for r in caplog.records if "emulated" in r.getMessage()]
+        assert len(warnings) == expected, native

@@ -101,6 +101,22 @@ def test_benchmark_train_speed_only_skips_checkpointing_and_memory(tmp_path: Pat
     assert result["config"]["compile"] is False
 
 
+def test_benchmark_train_profile_splits_both_steps(run_ok) -> None:
+    done = run_ok(
+        script(
+            "benchmark_train.py",
+            *("--profile", "--warmup", "1", "data.image_size=64", "train.batch_size=2"),
+            "train.num_threads=1",
+        ),
+        timeout=300,
+    )
+    for name in ("centerx", "pytorch"):
+        line = next(x for x in done.stdout.splitlines() if x.strip().startswith(f"{name}:"))
+        share = float(line.split("ms of self CPU time per step, ")[1].split("%")[0])
+        assert 0 < share < 100, line  # the tiny model's convolutions: most, not all, of it
+    assert "aten::convolution_backward" in done.stdout
+
+
 def test_benchmark_export_measures_every_variant(tmp_path: Path, run_ok) -> None:
     result = run_for_json(
         run_ok,

@@ -57,6 +57,8 @@ BACKBONE_STRIDE = 32
 KD_TERMS = ("kd_heatmap", "kd_wh", "kd_offset")
 GT_TERMS = ("cls", "wh", "offset")
 BALANCES = ("sum", "separate")
+#: how much a teacher detection's box teaches: its height, or 1 for every detection (>= prior)
+BOX_WEIGHTS = ("confidence", "detection")
 HeatmapLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -299,6 +301,7 @@ class DistillObjective:
         wh_relative: bool = False,
         teacher_balance: str = "sum",
         box_window: int = 3,
+        box_weight: str = "confidence",
     ) -> None:
         if not teachers:
             raise DistillConfigError("distillation needs at least one teacher")
@@ -316,6 +319,11 @@ class DistillObjective:
         except ValueError as err:
             raise DistillConfigError(f"objective.box_window: {err}") from err
         self.box_window = box_window
+        if box_weight not in BOX_WEIGHTS:
+            raise DistillConfigError(
+                f"unknown objective.box_weight={box_weight!r}; use {' or '.join(BOX_WEIGHTS)}"
+            )
+        self.box_weight = box_weight
         owned = {c for t in self.teachers for c in t.student_channels.tolist()}
         #: student classes no teacher owns: they can only learn from ground truth
         self.uncovered = [n for i, n in enumerate(self.class_names) if i not in owned]
@@ -347,6 +355,8 @@ class DistillObjective:
         weight, wh, offset = spread_to_window(
             teacher_peak_weight(target), taught["wh"], taught["offset"], self.box_window
         )
+        if self.box_weight == "detection":  # every detection's box counts once, like a label's
+            weight = (weight > 0).to(weight.dtype)
         return (
             self.heatmap_loss(student, target),
             masked_dense_l1(outputs["wh"], wh, weight, relative=self.wh_relative),
@@ -376,6 +386,7 @@ def build_distill_objective(
     wh_relative: bool = False,
     teacher_balance: str = "sum",
     box_window: int = 3,
+    box_weight: str = "confidence",
     *,
     context: ObjectiveContext,
 ) -> DistillObjective:
@@ -390,6 +401,7 @@ def build_distill_objective(
         wh_relative=wh_relative,
         teacher_balance=teacher_balance,
         box_window=box_window,
+        box_weight=box_weight,
     )
     if objective.uncovered:
         require_labels(
