@@ -135,6 +135,16 @@ class PlainLoop:
         return float(loss.detach())
 
 
+def plain_loop_beside(trainer: Trainer, cfg: DictConfig) -> tuple[dict, PlainLoop, dict]:
+    """The fixed batch as the trainer takes it, the plain loop of the same model, and the batch
+    as the plain loop takes it (on its device, in PyTorch's default contiguous layout)."""
+    batch = trainer._to_device(fixed_batch(cfg))
+    plain = PlainLoop(cfg, len(trainer.meta["class_names"]))
+    plain_batch = {k: v.to(plain.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    plain_batch["image"] = plain_batch["image"].contiguous()
+    return batch, plain, plain_batch
+
+
 def fixed_batch(cfg: DictConfig) -> dict:
     dataset = training_dataset(cfg, instantiate(cfg.data.train))
     return collate([dataset[i % len(dataset)] for i in range(cfg.train.batch_size)])
@@ -289,10 +299,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         variants = {"centerx": False} if args.speed_only else VARIANTS
         trainers = {name: build_trainer(cfg, flag, Path(tmp)) for name, flag in variants.items()}
         reference = trainers["centerx"]
-        batch = reference._to_device(fixed_batch(cfg))
-        plain = PlainLoop(cfg, len(reference.meta["class_names"]))
-        plain_batch = {k: v.to(plain.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        plain_batch["image"] = plain_batch["image"].contiguous()  # PyTorch's default layout
+        batch, plain, plain_batch = plain_loop_beside(reference, cfg)
         dataset = training_dataset(cfg, instantiate(cfg.data.train))
 
         runners: dict[str, Callable[[int], tuple[float, int]]] = {
@@ -442,9 +449,7 @@ def profile_steps(args: argparse.Namespace, steps: int = 2) -> str:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(cfg, False, Path(tmp))
-        batch = trainer._to_device(fixed_batch(cfg))
-        plain = PlainLoop(cfg, len(trainer.meta["class_names"]))
-        plain_batch = {**batch, "image": batch["image"].contiguous()}
+        batch, plain, plain_batch = plain_loop_beside(trainer, cfg)
         runners = {"centerx": lambda: trainer._step(batch), PLAIN: lambda: plain.step(plain_batch)}
         for name, run in runners.items():
             for _ in range(args.warmup):
