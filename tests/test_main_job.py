@@ -216,3 +216,30 @@ def test_students_take_the_jobs_student_objective() -> None:
         assert set(composed[name].objective.teachers) == set(teachers)
     for name in ("teacher_mask", "naive_merge"):
         assert "heatmap_loss" not in composed[name].objective, name
+
+
+def test_student_init_starts_both_students_from_the_named_teacher() -> None:
+    """main_job.student_init=<teacher> adds model.init_from=<its best.pt> to the students only;
+    a name that is not a teacher is a one-line error."""
+    from centerx.recipes.main_job import plan_stages
+
+    roots = ["data.roots.fruits=F", "data.roots.mask=M"]
+    teachers = {
+        "teacher_fruits": {"classes": ["apple"], "parts": ["fruits"]},
+        "teacher_mask": {"classes": ["mask"], "parts": ["mask"]},
+    }
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        main = compose(config_name="main", overrides=["experiment=apple_mask", *roots])
+        assert main.main_job.student_init is None
+        plain = {s.name: s for s in plan_stages(main, teachers, Path("/tmp/job"))}
+        main.main_job.student_init = "teacher_mask"
+        started = {s.name: s for s in plan_stages(main, teachers, Path("/tmp/job"))}
+        main.main_job.student_init = "teacher_pear"
+        with pytest.raises(DatasetError, match=r"teacher_pear.*not a teacher"):
+            plan_stages(main, teachers, Path("/tmp/job"))
+    wanted = "model.init_from=/tmp/job/teacher_mask/checkpoints/best.pt"
+    for name in ("student", "student_gt"):
+        assert wanted in started[name].overrides, name
+        assert not any("init_from" in o for o in plain[name].overrides)
+    for name in ("teacher_fruits", "teacher_mask", "naive_merge"):
+        assert started[name].overrides == plain[name].overrides, name

@@ -170,6 +170,19 @@ def eval_parts_overrides(data_cfg: DictConfig, classes: Sequence[str]) -> list[s
     return overrides
 
 
+def student_start(teacher: str | None, taught: Mapping[str, Mapping]) -> list[str]:
+    """`main_job.student_init`: the students start from that teacher's weights
+    (`model.init_from`: backbone, neck, box heads, its classes' heatmap channels)."""
+    if not teacher:
+        return []
+    if teacher not in taught:
+        raise DatasetError(
+            f"main_job.student_init={teacher!r} is not a teacher of this job; "
+            f"teachers: {sorted(taught)}"
+        )
+    return [override("model.init_from", taught[teacher]["checkpoint"])]
+
+
 def plan_stages(cfg: DictConfig, teachers: Mapping[str, Mapping], out_dir: Path) -> list[Stage]:
     """Teachers, the two students and the three baselines, as overrides."""
     job = cfg.main_job
@@ -194,6 +207,7 @@ def plan_stages(cfg: DictConfig, teachers: Mapping[str, Mapping], out_dir: Path)
                "classes": {c: c for c in t["classes"]}}
         for name, t in teachers.items()
     }  # fmt: skip
+    start = student_start(job.get("student_init"), taught)
     for name, with_labels, title in (
         ("student", False, "KD only from every teacher (reads no label)"),
         ("student_gt", True, "KD from every teacher + each image's own labels"),
@@ -204,6 +218,7 @@ def plan_stages(cfg: DictConfig, teachers: Mapping[str, Mapping], out_dir: Path)
             override("objective.teachers", taught),
             override("objective.use_ground_truth", with_labels),
             union_epochs,
+            *start,
         ]
         stages.append(Stage(name, "distill", title, overrides))
     baseline = [f"loss={job.loss.baseline}", union_epochs]

@@ -364,7 +364,12 @@ def render_markdown(ctx: ReportContext, summary: dict, commands: Mapping, extras
         f"batch {cfg.train.batch_size}, seed {cfg.seed}",
         "teacher_epochs": int(job.epochs.teacher),
         "union_epochs": int(job.epochs.union),
-        "losses": f"teachers `{job.loss.teacher}`, students `{job.loss.student}`, baselines `{job.loss.baseline}`",
+        "losses": f"teachers `{job.loss.teacher}`, students `{job.loss.student}`, baselines `{job.loss.baseline}`"
+        + (
+            f"; students start from `{job.student_init}`'s weights"
+            if job.get("student_init")
+            else ""
+        ),
         "union_stages": union_stages(list(ctx.results), float(job.pseudo_label_threshold)),
         "results": results_table(ctx.results, list(ctx.results), ctx.class_names),
         "metric": summary["metric"],
