@@ -135,19 +135,21 @@ class PlainLoop:
         return float(loss.detach())
 
 
-def plain_loop_beside(trainer: Trainer, cfg: DictConfig) -> tuple[dict, PlainLoop, dict]:
+def plain_loop_beside(
+    trainer: Trainer, cfg: DictConfig, dataset: TrainingDataset
+) -> tuple[dict, PlainLoop, dict]:
     """The fixed batch as the trainer takes it, the plain loop of the same model, and the batch
     as the plain loop takes it (on its device, in PyTorch's default contiguous layout)."""
-    batch = trainer._to_device(fixed_batch(cfg))
+    batch = trainer._to_device(fixed_batch(dataset, int(cfg.train.batch_size)))
     plain = PlainLoop(cfg, len(trainer.meta["class_names"]))
     plain_batch = {k: v.to(plain.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     plain_batch["image"] = plain_batch["image"].contiguous()
     return batch, plain, plain_batch
 
 
-def fixed_batch(cfg: DictConfig) -> dict:
-    dataset = training_dataset(cfg, instantiate(cfg.data.train))
-    return collate([dataset[i % len(dataset)] for i in range(cfg.train.batch_size)])
+def fixed_batch(dataset: TrainingDataset, batch_size: int) -> dict:
+    """The first `batch_size` samples (repeated if the dataset is smaller), collated."""
+    return collate([dataset[i % len(dataset)] for i in range(batch_size)])
 
 
 def synchronize(device: torch.device) -> None:
@@ -220,7 +222,8 @@ def memory_probe(cfg: DictConfig, variant: str, steps: int) -> dict:
     fork+exec, so a child reports at least its parent's size.) Elsewhere: ru_maxrss."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(cfg, VARIANTS[variant], Path(tmp))
-        batch = trainer._to_device(fixed_batch(cfg))
+        dataset = training_dataset(cfg, instantiate(cfg.data.train))
+        batch = trainer._to_device(fixed_batch(dataset, int(cfg.train.batch_size)))
         before = _reset_peak_rss()
         method = "ru_maxrss" if before is None else "VmHWM"
         if before is None:
@@ -299,8 +302,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         variants = {"centerx": False} if args.speed_only else VARIANTS
         trainers = {name: build_trainer(cfg, flag, Path(tmp)) for name, flag in variants.items()}
         reference = trainers["centerx"]
-        batch, plain, plain_batch = plain_loop_beside(reference, cfg)
         dataset = training_dataset(cfg, instantiate(cfg.data.train))
+        batch, plain, plain_batch = plain_loop_beside(reference, cfg, dataset)
 
         runners: dict[str, Callable[[int], tuple[float, int]]] = {
             name: (lambda k, t=trainer: run_steps(t, batch, 1))
@@ -449,7 +452,8 @@ def profile_steps(args: argparse.Namespace, steps: int = 2) -> str:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(cfg, False, Path(tmp))
-        batch, plain, plain_batch = plain_loop_beside(trainer, cfg)
+        dataset = training_dataset(cfg, instantiate(cfg.data.train))
+        batch, plain, plain_batch = plain_loop_beside(trainer, cfg, dataset)
         runners = {"centerx": lambda: trainer._step(batch), PLAIN: lambda: plain.step(plain_batch)}
         for name, run in runners.items():
             for _ in range(args.warmup):
