@@ -21,8 +21,9 @@ from centerx.data.partial import (
     read_pseudo_labels,
 )
 from centerx.data.pipeline import TrainingDataset, collate
+from centerx.data.sampling import BalancedGroupSampler
 from centerx.data.synthetic import SyntheticShapes
-from centerx.engine.build import build_eval_source, build_sources
+from centerx.engine.build import build_eval_source, build_sources, build_train_loader
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -269,6 +270,42 @@ def test_union_config_accepts_the_command_line_form(tmp_path: Path) -> None:
     assert val.labeled_classes(2).tolist() == [False, True]  # val keeps the partial labels
     test = build_eval_source(data, "test", list(train.class_names))
     assert len(test) == len(val)  # no test_parts: the val parts
+
+
+def test_balance_parts_draws_each_part_equally_often(tmp_path: Path) -> None:
+    a = write_voc(tmp_path / "A", {f"a{i}": ["raccoon"] for i in range(6)})
+    b = write_voc(tmp_path / "B", {"b0": ["kangaroo"], "b1": ["kangaroo"]})
+    data = compose_data(
+        [
+            "data=union",
+            "data.class_names=[raccoon,kangaroo]",
+            f"data.parts=[{{format: voc, root: {a}}}, {{format: voc, root: {b}}}]",
+            "data.train_split=train",
+            "data.val_split=train",
+            "data.balance_parts=true",
+            "data.image_size=64",
+        ]
+    )
+    train, _ = build_sources(data)
+    loader = build_train_loader(data, train, batch_size=2, seed=0)
+    sampler = loader.sampler
+    assert isinstance(sampler, BalancedGroupSampler) and len(loader) == 4  # the epoch keeps 8
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        drawn = list(sampler)
+        assert len(drawn) == 8
+        assert sorted(i for i in drawn if i >= 6) == [6, 6, 7, 7]  # B's 2 images, twice each
+        assert len({i for i in drawn if i < 6}) == 4  # 4 of A's 6, none twice
+    sampler.set_epoch(0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first  # a new order every epoch, the same for the same epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+    ranks = [BalancedGroupSampler(sampler.groups, 0, 2, rank) for rank in (0, 1)]
+    assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(first)  # DDP ranks split the epoch
+    batch = next(iter(loader))
+    assert batch["image"].shape == (2, 3, 64, 64)
 
 
 def test_synthetic_views_is_a_union_with_labelled_val_and_test_sets() -> None:

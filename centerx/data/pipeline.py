@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from centerx.data.base import Annotation, DetectionSource, ImageReadError
 from centerx.data.targets import build_targets
@@ -101,10 +101,7 @@ class TrainingDataset(Dataset):
         self.seed = seed
         self.epoch = 0  # set by the trainer so each epoch draws new augmentations reproducibly
         # Mosaic partners come from images whose sources label the same classes.
-        self._groups: dict[bytes, list[int]] = {}
-        if augment is not None and augment.mosaic > 0:
-            for i in range(len(source)):
-                self._groups.setdefault(self._label_key(i), []).append(i)
+        self._groups = self.label_groups() if augment is not None and augment.mosaic > 0 else {}
 
     def __len__(self) -> int:
         return len(self.source)
@@ -181,6 +178,14 @@ class TrainingDataset(Dataset):
             partners.append((image, ann.boxes, ann.labels))
         return partners
 
+    def label_groups(self) -> dict[bytes, list[int]]:
+        """The indices grouped by the classes their source labels and declares absent: a
+        union's parts, told apart without knowing how it was built."""
+        groups: dict[bytes, list[int]] = {}
+        for index in range(len(self.source)):
+            groups.setdefault(self._label_key(index), []).append(index)
+        return groups
+
     def _label_key(self, index: int) -> bytes:
         return np.concatenate(
             [self.source.labeled_classes(index), self.source.absent_classes(index)]
@@ -255,8 +260,11 @@ def build_loader(
     distributed: bool = False,
     drop_last: bool = False,
     pin_memory: bool = False,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
-    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if distributed else None
+    """`sampler`, if given, decides the order (and its own DDP sharding); else a shuffle."""
+    if sampler is None and distributed:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from centerx.data.base import DatasetError, DetectionSource
 from centerx.data.cache import CachedImages
 from centerx.data.pipeline import TrainingDataset, build_loader
+from centerx.data.sampling import BalancedGroupSampler
 from centerx.engine import distributed as dist
 from centerx.engine.evaluate import evaluate_predictor, torch_predictor
 from centerx.errors import check_number
@@ -85,7 +86,20 @@ def build_train_loader(
         distributed=dist.is_distributed(),
         drop_last=len(dataset) > per_rank,
         pin_memory=pin_memory,
+        sampler=balanced_sampler(dataset, seed) if data_cfg.get("balance_parts") else None,
     )
+
+
+def balanced_sampler(dataset: TrainingDataset, seed: int) -> BalancedGroupSampler:
+    """`data.balance_parts`: each part (images labelling the same classes) drawn equally often."""
+    groups = list(dataset.label_groups().values())
+    sampler = BalancedGroupSampler(groups, seed, dist.world_size(), dist.rank())
+    log.info(
+        "balanced parts: %s images drawn %s times per epoch",
+        [len(group) for group in groups],
+        sampler.draws_per_group(),
+    )
+    return sampler
 
 
 def checkpoint_meta(cfg: DictConfig, class_names: list[str]) -> dict[str, Any]:
