@@ -630,39 +630,3 @@ def test_box_weight_confidence_or_one_per_detection(window: int) -> None:
     assert kd_wh("detection") == pytest.approx((10 + 4) / 2, rel=1e-4)
     with pytest.raises(DistillConfigError, match="box_weight='height'"):
         DistillObjective([teacher], ["circle"], heatmap_kd_focal, box_weight="height")
-
-
-def test_box_arbitration_strongest_lets_one_teacher_teach_a_shared_cell() -> None:
-    # Two one-class teachers detect at the same cell with different boxes: A (circle) sure,
-    # 0.8 with a 10x10 box; B (square) faint, 0.2 with a 2x2 box, and B alone elsewhere (0.5,
-    # box 6x6). The student predicts size 0 everywhere, so kd_wh is the weighted box size.
-    def teacher(name: str, channel: int, peaks: list[tuple[int, float, float]]) -> Teacher:
-        logits = torch.full((1, 1, 16, 16), -9.0)
-        wh = torch.zeros(1, 2, 16, 16)
-        for cell, prob, size in peaks:
-            logits[0, 0, cell, cell] = torch.logit(torch.tensor(prob))
-            wh[0, :, cell, cell] = size
-        zeros = torch.zeros(1, 2, 16, 16)
-        model = _FixedOutputs({"heatmap": logits, "wh": wh, "offset": zeros})
-        return Teacher(name, model, torch.tensor([channel]), torch.tensor([0]))
-
-    teachers = [teacher("a", 0, [(4, 0.8, 10.0)]), teacher("b", 1, [(4, 0.2, 2.0), (11, 0.5, 6.0)])]
-    zeros = torch.zeros(1, 2, 16, 16)
-    student = _FixedOutputs({"heatmap": torch.zeros(1, 2, 16, 16), "wh": zeros, "offset": zeros})
-    images = {"image": torch.zeros(2, 3, 64, 64)}
-
-    def kd_wh(arbitration: str) -> float:
-        objective = DistillObjective(
-            teachers,
-            ["circle", "square"],
-            heatmap_kd_focal,
-            box_window=1,
-            box_arbitration=arbitration,
-        )
-        return float(objective(student, images)["kd_wh"])
-
-    # none: B's faint box at the shared cell is taught too; strongest: A keeps that cell
-    assert kd_wh("none") == pytest.approx(10 + (2 * 0.2 + 6 * 0.5) / 0.7, rel=1e-4)
-    assert kd_wh("strongest") == pytest.approx(10 + 6, rel=1e-4)
-    with pytest.raises(DistillConfigError, match="box_arbitration='max'"):
-        DistillObjective(teachers, ["circle", "square"], heatmap_kd_focal, box_arbitration="max")

@@ -59,8 +59,6 @@ GT_TERMS = ("cls", "wh", "offset")
 BALANCES = ("sum", "separate")
 #: how much a teacher detection's box teaches: its height, or 1 for every detection (>= prior)
 BOX_WEIGHTS = ("confidence", "detection")
-#: where several teachers' detections cover a cell: each teaches its box there, or the strongest
-BOX_ARBITRATIONS = ("none", "strongest")
 HeatmapLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -304,7 +302,6 @@ class DistillObjective:
         teacher_balance: str = "sum",
         box_window: int = 3,
         box_weight: str = "confidence",
-        box_arbitration: str = "none",
     ) -> None:
         if not teachers:
             raise DistillConfigError("distillation needs at least one teacher")
@@ -327,12 +324,6 @@ class DistillObjective:
                 f"unknown objective.box_weight={box_weight!r}; use {' or '.join(BOX_WEIGHTS)}"
             )
         self.box_weight = box_weight
-        if box_arbitration not in BOX_ARBITRATIONS:
-            raise DistillConfigError(
-                f"unknown objective.box_arbitration={box_arbitration!r}; "
-                f"use {' or '.join(BOX_ARBITRATIONS)}"
-            )
-        self.box_arbitration = box_arbitration
         owned = {c for t in self.teachers for c in t.student_channels.tolist()}
         #: student classes no teacher owns: they can only learn from ground truth
         self.uncovered = [n for i, n in enumerate(self.class_names) if i not in owned]
@@ -345,36 +336,32 @@ class DistillObjective:
         self.gt_criterion = None if gt_criterion is None else _ignoring_unlabelled(gt_criterion)
         self.term_names = (GT_TERMS if gt_criterion is not None else ()) + KD_TERMS
 
-    def _targets(
-        self, teacher: Teacher, batch: dict, images: torch.Tensor, grid: tuple[int, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One teacher's KD targets: heatmap probabilities on its own channels, and the box
-        weight [B,1,H,W], wh and offset its detections teach (spread to `box_window`)."""
+    def _teach(
+        self, teacher: Teacher, outputs: dict[str, torch.Tensor], batch: dict, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One teacher's (heatmap, wh, offset) KD terms on its own channels."""
         taught = teacher.predict(images)
-        if taught["heatmap"].shape[-2:] != grid:
+        heatmap = outputs["heatmap"]
+        if taught["heatmap"].shape[-2:] != heatmap.shape[-2:]:
             raise DistillConfigError(
                 f"teacher {teacher.name!r} predicts a {tuple(taught['heatmap'].shape[-2:])} grid, "
-                f"the student {tuple(grid)}: both must have stride {OUTPUT_STRIDE}"
+                f"the student {tuple(heatmap.shape[-2:])}: both must have stride {OUTPUT_STRIDE}"
             )
         target = taught["heatmap"]
         if "absent" in batch:  # classes known not to be in the image: the teacher's peaks are false
             present = ~batch["absent"].index_select(1, teacher.student_channels).bool()
             target = target * present[:, :, None, None]
+        student = heatmap.index_select(1, teacher.student_channels)
         weight, wh, offset = spread_to_window(
             teacher_peak_weight(target), taught["wh"], taught["offset"], self.box_window
         )
-        return target, weight, wh, offset
-
-    def _box_weights(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each teacher's box weight after `box_arbitration` and `box_weight`."""
-        if self.box_arbitration == "strongest" and len(weights) > 1:
-            # wh/offset are one class-agnostic map: where two teachers' detections cover a cell,
-            # their boxes disagree, and the sum of both pulls teaches neither box.
-            strongest = torch.stack(weights).amax(dim=0)
-            weights = [torch.where(w >= strongest, w, torch.zeros_like(w)) for w in weights]
         if self.box_weight == "detection":  # every detection's box counts once, like a label's
-            weights = [(w > 0).to(w.dtype) for w in weights]
-        return weights
+            weight = (weight > 0).to(weight.dtype)
+        return (
+            self.heatmap_loss(student, target),
+            masked_dense_l1(outputs["wh"], wh, weight, relative=self.wh_relative),
+            masked_dense_l1(outputs["offset"], offset, weight),
+        )
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images = batch["image"]
@@ -384,19 +371,7 @@ class DistillObjective:
                 f"the student predicts {outputs['heatmap'].shape[1]} classes but was set up with "
                 f"{len(self.class_names)} {self.class_names}"
             )
-        grid = tuple(outputs["heatmap"].shape[-2:])
-        targets = [self._targets(t, batch, images, grid) for t in self.teachers]
-        weights = self._box_weights([weight for _, weight, _, _ in targets])
-        per_teacher = [
-            (
-                self.heatmap_loss(outputs["heatmap"].index_select(1, t.student_channels), target),
-                masked_dense_l1(outputs["wh"], wh, weight, relative=self.wh_relative),
-                masked_dense_l1(outputs["offset"], offset, weight),
-            )
-            for t, (target, _, wh, offset), weight in zip(
-                self.teachers, targets, weights, strict=True
-            )
-        ]
+        per_teacher = [self._teach(t, outputs, batch, images) for t in self.teachers]
         terms = {} if self.gt_criterion is None else dict(self.gt_criterion(outputs, batch))
         for kind, values in zip(KD_TERMS, zip(*per_teacher, strict=True), strict=True):
             terms[kind] = _combine(list(values), self.teacher_balance)
@@ -412,7 +387,6 @@ def build_distill_objective(
     teacher_balance: str = "sum",
     box_window: int = 3,
     box_weight: str = "confidence",
-    box_arbitration: str = "none",
     *,
     context: ObjectiveContext,
 ) -> DistillObjective:
@@ -428,7 +402,6 @@ def build_distill_objective(
         teacher_balance=teacher_balance,
         box_window=box_window,
         box_weight=box_weight,
-        box_arbitration=box_arbitration,
     )
     if objective.uncovered:
         require_labels(
