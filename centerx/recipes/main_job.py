@@ -186,7 +186,10 @@ def student_start(teacher: str | None, taught: Mapping[str, Mapping]) -> list[st
 def plan_stages(cfg: DictConfig, teachers: Mapping[str, Mapping], out_dir: Path) -> list[Stage]:
     """Teachers, the two students and the three baselines, as overrides."""
     job = cfg.main_job
-    union_epochs = override("train.epochs", int(job.epochs.union))
+    union_budget = [
+        override("train.epochs", int(job.epochs.union)),
+        override("train.batch_size", int(job.batch_size.union)),
+    ]
     stages = [
         Stage(
             name,
@@ -197,6 +200,7 @@ def plan_stages(cfg: DictConfig, teachers: Mapping[str, Mapping], out_dir: Path)
                 override("data.class_names", t["classes"]),
                 *eval_parts_overrides(cfg.data, t["classes"]),
                 override("train.epochs", int(job.epochs.teacher)),
+                override("train.batch_size", int(job.batch_size.teacher)),
                 f"loss={job.loss.teacher}",
             ],
         )
@@ -217,11 +221,11 @@ def plan_stages(cfg: DictConfig, teachers: Mapping[str, Mapping], out_dir: Path)
             f"loss={job.loss.student}",
             override("objective.teachers", taught),
             override("objective.use_ground_truth", with_labels),
-            union_epochs,
+            *union_budget,
             *start,
         ]
         stages.append(Stage(name, "distill", title, overrides))
-    baseline = [f"loss={job.loss.baseline}", union_epochs]
+    baseline = [f"loss={job.loss.baseline}", *union_budget]
     stages += [
         Stage("naive_merge", "train", "naive merge: partial labels as they are",
               [*baseline, override("loss.criterion.ignore_unlabelled", False)]),

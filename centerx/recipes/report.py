@@ -361,7 +361,8 @@ def render_markdown(ctx: ReportContext, summary: dict, commands: Mapping, extras
         ),
         "model": f"`{cfg.model.backbone}`, {cfg.data.image_size} px",
         "optimiser": f"`{cfg.train.optimizer._target_}` lr {cfg.train.lr}, {cfg.train.schedule}, "
-        f"batch {cfg.train.batch_size}, seed {cfg.seed}",
+        f"batch {int(job.batch_size.teacher)} (teachers) / {int(job.batch_size.union)} (union "
+        f"stages), seed {cfg.seed}",
         "teacher_epochs": int(job.epochs.teacher),
         "union_epochs": int(job.epochs.union),
         "losses": f"teachers `{job.loss.teacher}`, students `{job.loss.student}`, baselines `{job.loss.baseline}`"
