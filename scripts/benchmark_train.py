@@ -71,7 +71,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from centerx.data.pipeline import TrainingDataset, collate
 from centerx.engine import training
-from centerx.engine.build import build_sources
+from centerx.engine.build import build_sources, build_training_dataset
 from centerx.engine.trainer import Trainer, seed_everything
 from centerx.errors import run_script
 from centerx.model.centernet import build_model
@@ -91,15 +91,9 @@ def compose_config(overrides: list[str]) -> DictConfig:
         return compose(config_name="train", overrides=overrides)
 
 
-def training_dataset(cfg: DictConfig, source) -> TrainingDataset:
-    return TrainingDataset(
-        source,
-        cfg.data.image_size,
-        augment=instantiate(cfg.data.augment),
-        max_objects=cfg.data.max_objects,
-        min_overlap=cfg.data.min_overlap,
-        seed=cfg.seed,
-    )
+def training_dataset(cfg: DictConfig) -> TrainingDataset:
+    """The run's training set, augmented as the trainer's loader does it."""
+    return build_training_dataset(cfg.data, instantiate(cfg.data.train), cfg.seed)
 
 
 def build_trainer(cfg: DictConfig, grad_checkpoint: bool, run_dir: Path) -> Trainer:
@@ -222,7 +216,7 @@ def memory_probe(cfg: DictConfig, variant: str, steps: int) -> dict:
     fork+exec, so a child reports at least its parent's size.) Elsewhere: ru_maxrss."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(cfg, VARIANTS[variant], Path(tmp))
-        dataset = training_dataset(cfg, instantiate(cfg.data.train))
+        dataset = training_dataset(cfg)
         batch = trainer._to_device(fixed_batch(dataset, int(cfg.train.batch_size)))
         before = _reset_peak_rss()
         method = "ru_maxrss" if before is None else "VmHWM"
@@ -302,7 +296,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         variants = {"centerx": False} if args.speed_only else VARIANTS
         trainers = {name: build_trainer(cfg, flag, Path(tmp)) for name, flag in variants.items()}
         reference = trainers["centerx"]
-        dataset = training_dataset(cfg, instantiate(cfg.data.train))
+        dataset = training_dataset(cfg)
         batch, plain, plain_batch = plain_loop_beside(reference, cfg, dataset)
 
         runners: dict[str, Callable[[int], tuple[float, int]]] = {
@@ -452,7 +446,7 @@ def profile_steps(args: argparse.Namespace, steps: int = 2) -> str:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(cfg, False, Path(tmp))
-        dataset = training_dataset(cfg, instantiate(cfg.data.train))
+        dataset = training_dataset(cfg)
         batch, plain, plain_batch = plain_loop_beside(trainer, cfg, dataset)
         runners = {"centerx": lambda: trainer._step(batch), PLAIN: lambda: plain.step(plain_batch)}
         for name, run in runners.items():

@@ -61,14 +61,11 @@ def build_eval_source(data_cfg: DictConfig, split: str, class_names: list[str]) 
     return instantiate(node if node is not None else data_cfg.val, class_names=class_names)
 
 
-def build_train_loader(
-    data_cfg: DictConfig,
-    source: DetectionSource,
-    batch_size: int,
-    seed: int,
-    pin_memory: bool = False,
-) -> torch.utils.data.DataLoader:
-    dataset = TrainingDataset(
+def build_training_dataset(
+    data_cfg: DictConfig, source: DetectionSource, seed: int
+) -> TrainingDataset:
+    """`source` with the data config's augmentation and CenterNet targets."""
+    return TrainingDataset(
         source,
         data_cfg.image_size,
         augment=instantiate(data_cfg.augment),
@@ -76,6 +73,16 @@ def build_train_loader(
         min_overlap=data_cfg.min_overlap,
         seed=seed,
     )
+
+
+def build_train_loader(
+    data_cfg: DictConfig,
+    source: DetectionSource,
+    batch_size: int,
+    seed: int,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    dataset = build_training_dataset(data_cfg, source, seed)
     per_rank = max(1, batch_size // dist.world_size())
     return build_loader(
         dataset,

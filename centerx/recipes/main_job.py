@@ -183,13 +183,18 @@ def student_start(teacher: str | None, taught: Mapping[str, Mapping]) -> list[st
     return [override("model.init_from", taught[teacher]["checkpoint"])]
 
 
+def stage_budget(job: DictConfig, kind: str) -> list[str]:
+    """`main_job.epochs.<kind>` and `main_job.batch_size.<kind>` (teacher or union) as overrides."""
+    return [
+        override("train.epochs", int(job.epochs[kind])),
+        override("train.batch_size", int(job.batch_size[kind])),
+    ]
+
+
 def plan_stages(cfg: DictConfig, teachers: Mapping[str, Mapping], out_dir: Path) -> list[Stage]:
     """Teachers, the two students and the three baselines, as overrides."""
     job = cfg.main_job
-    union_budget = [
-        override("train.epochs", int(job.epochs.union)),
-        override("train.batch_size", int(job.batch_size.union)),
-    ]
+    union_budget = stage_budget(job, "union")
     stages = [
         Stage(
             name,
@@ -199,8 +204,7 @@ def plan_stages(cfg: DictConfig, teachers: Mapping[str, Mapping], out_dir: Path)
                 override("data.use_parts", t["parts"]),
                 override("data.class_names", t["classes"]),
                 *eval_parts_overrides(cfg.data, t["classes"]),
-                override("train.epochs", int(job.epochs.teacher)),
-                override("train.batch_size", int(job.batch_size.teacher)),
+                *stage_budget(job, "teacher"),
                 f"loss={job.loss.teacher}",
             ],
         )
