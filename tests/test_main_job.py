@@ -216,10 +216,11 @@ def test_students_take_the_jobs_student_objective() -> None:
         assert set(composed[name].objective.teachers) == set(teachers)
     for name in ("teacher_mask", "naive_merge"):
         assert "heatmap_loss" not in composed[name].objective, name
-    # apple_mask's union stages (students and baselines alike) take batch 8, its teachers the
-    # recipe's 16; every stage draws the union's parts equally often
+    # apple_mask's union stages (students and baselines alike) take batch 4, its teachers the
+    # recipe's 16; every stage trains the teachers' 16 epochs and draws the parts equally often
     batch = {name: cfg.train.batch_size for name, cfg in composed.items()}
-    assert batch == {"teacher_mask": 16, "student": 8, "student_gt": 8, "naive_merge": 8}
+    assert batch == {"teacher_mask": 16, "student": 4, "student_gt": 4, "naive_merge": 4}
+    assert {cfg.train.epochs for cfg in composed.values()} == {16}
     assert all(cfg.data.balance_parts for cfg in composed.values())
 
 
